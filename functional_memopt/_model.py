@@ -1,0 +1,286 @@
+"""A GPT-2 style model as pure functions over a nested dict of tensors.
+
+Pre-norm blocks (x + attn(ln_1(x)); x + mlp(ln_2(x))), a final layer norm, tanh GELU, and one
+tied leaf ``wte`` that is both the token embedding and the output head. Linear weights are stored
+(out, in) as ``F.linear`` wants them. Nothing here mutates ``params``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._attention import build_attention_mask, causal_attention, positions_from_segments
+from ._config import ModelConfig
+from ._remat import RematSpec, checkpoint, remat_layers
+from ._tree import tree_flatten_with_paths
+
+__all__ = ["init_params", "apply", "loss_fn", "param_shapes", "check_params", "check_tokens", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100  # targets equal to this are not counted (torch's cross_entropy default)
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The ``{dotted path: shape}`` every params tree for ``cfg`` must have."""
+    C, V = cfg.n_embd, cfg.vocab_size
+    H = cfg.mlp_ratio * C
+    shapes: dict[str, tuple[int, ...]] = {"wte": (V, C), "wpe": (cfg.block_size, C)}
+
+    def linear(prefix: str, out_f: int, in_f: int) -> None:
+        shapes[prefix + ".weight"] = (out_f, in_f)
+        if cfg.bias:
+            shapes[prefix + ".bias"] = (out_f,)
+
+    def norm(prefix: str) -> None:
+        shapes[prefix + ".weight"] = (C,)
+        if cfg.bias:
+            shapes[prefix + ".bias"] = (C,)
+
+    for i in range(cfg.n_layer):
+        p = f"h.{i}"
+        norm(p + ".ln_1")
+        linear(p + ".attn.c_attn", 3 * C, C)
+        linear(p + ".attn.c_proj", C, C)
+        norm(p + ".ln_2")
+        linear(p + ".mlp.c_fc", H, C)
+        linear(p + ".mlp.c_proj", C, H)
+    norm("ln_f")
+    return shapes
+
+
+def init_params(
+    cfg: ModelConfig,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> dict:
+    """Fresh parameters with GPT-2's initialisation.
+
+    Weights ~ N(0, init_std), residual output projections ~ N(0, init_std / sqrt(2 n_layer))
+    (GPT-2 paper, section 2.3), biases zero, layer-norm gains one. The draws are made on the CPU
+    from ``seed`` so the same seed gives the same model on every device.
+
+    Args:
+        cfg: model shape.
+        seed: random seed.
+        dtype: floating dtype of every leaf.
+        device: where the leaves live.
+
+    Returns:
+        A nested dict: wte (V, C), wpe (block_size, C), h [list of blocks], ln_f.
+
+    Example:
+        >>> params = init_params(ModelConfig(n_layer=1, n_embd=32, n_head=2), seed=0)
+        >>> params["wte"].shape
+        torch.Size([256, 32])
+    """
+    gen = torch.Generator().manual_seed(seed)
+    std = cfg.init_std
+    proj_std = std / math.sqrt(2 * cfg.n_layer)
+
+    def normal(shape, s):
+        return (torch.randn(shape, generator=gen) * s).to(device=device, dtype=dtype)
+
+    def zeros(shape):
+        return torch.zeros(shape, device=device, dtype=dtype)
+
+    def ones(shape):
+        return torch.ones(shape, device=device, dtype=dtype)
+
+    def linear(out_f, in_f, s):
+        p = {"weight": normal((out_f, in_f), s)}
+        if cfg.bias:
+            p["bias"] = zeros((out_f,))
+        return p
+
+    def norm():
+        p = {"weight": ones((cfg.n_embd,))}
+        if cfg.bias:
+            p["bias"] = zeros((cfg.n_embd,))
+        return p
+
+    C = cfg.n_embd
+    H = cfg.mlp_ratio * C
+    params = {"wte": normal((cfg.vocab_size, C), std), "wpe": normal((cfg.block_size, C), std)}
+    blocks = []
+    for _ in range(cfg.n_layer):
+        blocks.append(
+            {
+                "ln_1": norm(),
+                "attn": {"c_attn": linear(3 * C, C, std), "c_proj": linear(C, C, proj_std)},
+                "ln_2": norm(),
+                "mlp": {"c_fc": linear(H, C, std), "c_proj": linear(C, H, proj_std)},
+            }
+        )
+    params["h"] = blocks
+    params["ln_f"] = norm()
+    return params
+
+
+def check_params(params: dict, cfg: ModelConfig) -> None:
+    """Raise ValueError listing every missing, unexpected or mis-shaped leaf of ``params``."""
+    try:
+        flat = tree_flatten_with_paths(params)
+    except Exception as err:  # not a tree at all
+        raise ValueError(f"check_params: params is not a pytree of tensors ({err}).") from None
+    want = param_shapes(cfg)
+    missing = sorted(k for k in want if k not in flat)
+    unexpected = sorted(k for k in flat if k not in want)
+    wrong = [
+        f"{k}: expected {want[k]}, got {tuple(flat[k].shape)}"
+        for k in want
+        if k in flat and tuple(getattr(flat[k], "shape", ())) != want[k]
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected}")
+        if wrong:
+            parts.append("wrong shapes [" + "; ".join(wrong) + "]")
+        raise ValueError(
+            "check_params: params do not match the config "
+            f"(n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, vocab_size={cfg.vocab_size}, "
+            f"block_size={cfg.block_size}, bias={cfg.bias}): " + "; ".join(parts) + "."
+        )
+
+
+def check_tokens(tokens: torch.Tensor, cfg: ModelConfig) -> None:
+    """Raise TypeError / ValueError for tokens that ``apply`` cannot take."""
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"apply: tokens must be a torch.Tensor of int64 ids, got {type(tokens).__name__}.")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise TypeError(
+            f"apply: tokens must be integer ids (int64), got dtype {tokens.dtype}; "
+            "convert with tokens.long() if the values are whole numbers."
+        )
+    if tokens.dim() != 2:
+        raise ValueError(f"apply: tokens must have shape (B, T), got {tuple(tokens.shape)}.")
+    T = tokens.shape[1]
+    if T > cfg.block_size:
+        raise ValueError(
+            f"apply: sequence length {T} is longer than block_size {cfg.block_size}; "
+            "truncate the sequence or use a config with a larger block_size."
+        )
+    if tokens.numel():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"apply: token id {bad} is outside [0, vocab_size={cfg.vocab_size}); "
+                "check the tokenizer matches the model's vocabulary."
+            )
+
+
+def _layer_norm(x: torch.Tensor, p: dict, eps: float) -> torch.Tensor:
+    # CPU and CUDA layer_norm kernels accumulate mean and variance in float32 for half inputs.
+    return F.layer_norm(x, (x.shape[-1],), p["weight"], p.get("bias"), eps)
+
+
+def _mlp(x: torch.Tensor, p: dict) -> torch.Tensor:
+    h = F.gelu(F.linear(x, p["c_fc"]["weight"], p["c_fc"].get("bias")), approximate="tanh")
+    return F.linear(h, p["c_proj"]["weight"], p["c_proj"].get("bias"))
+
+
+def block_apply(block: dict, x: torch.Tensor, *, cfg: ModelConfig, mask: torch.Tensor | None) -> torch.Tensor:
+    """One pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    eps = cfg.layer_norm_eps
+    a = block["attn"]
+    x = x + causal_attention(_layer_norm(x, block["ln_1"], eps), a["c_attn"], a["c_proj"], cfg.n_head, mask=mask)
+    return x + _mlp(_layer_norm(x, block["ln_2"], eps), block["mlp"])
+
+
+def _block_fn(block, x, *, cfg, mask):
+    return block_apply(block, x, cfg=cfg, mask=mask)
+
+
+def apply(
+    params: dict,
+    tokens: torch.Tensor,
+    cfg: ModelConfig,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    remat: RematSpec = None,
+    check: bool = True,
+) -> torch.Tensor:
+    """The model's logits for ``tokens``; a pure function of ``params``.
+
+    Args:
+        params: tree from :func:`init_params` (any floating dtype; the compute runs in it).
+        tokens: (B, T) int64 ids in [0, vocab_size), T <= block_size.
+        cfg: the config the params were made for.
+        attention_mask: optional (B, T), 1 for real tokens and 0 for padding keys.
+        segment_ids: optional (B, T) document ids for packed rows; attention stays inside a
+            document and positions restart at each document's first token.
+        remat: which blocks to rematerialise (see :func:`remat_layers`).
+        check: validate params and tokens (costs a host sync for the token range).
+
+    Returns:
+        (B, T, vocab_size) logits, in the params' dtype.
+
+    Example:
+        >>> cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)
+        >>> apply(init_params(cfg), torch.zeros(2, 8, dtype=torch.long), cfg).shape
+        torch.Size([2, 8, 256])
+    """
+    if check:
+        check_tokens(tokens, cfg)
+        check_params(params, cfg)
+    B, T = tokens.shape
+    if segment_ids is not None:
+        pos = positions_from_segments(segment_ids)
+    else:
+        pos = torch.arange(T, device=tokens.device)
+    x = F.embedding(tokens, params["wte"]) + F.embedding(pos, params["wpe"])  # (B, T, C)
+    mask = build_attention_mask(T, attention_mask=attention_mask, segment_ids=segment_ids, device=tokens.device)
+    fn = functools.partial(_block_fn, cfg=cfg, mask=mask)
+    chosen = remat_layers(remat, cfg.n_layer)
+    for i, block in enumerate(params["h"]):
+        x = checkpoint(fn, block, x) if i in chosen else fn(block, x)
+    x = _layer_norm(x, params["ln_f"], cfg.layer_norm_eps)
+    # Weight tying: the head is the embedding matrix itself (Press & Wolf 2017); no copy is made.
+    return F.linear(x, params["wte"])  # (B, T, V)
+
+
+def loss_fn(
+    params: dict,
+    tokens: torch.Tensor,
+    targets: torch.Tensor,
+    cfg: ModelConfig,
+    *,
+    mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    remat: RematSpec = None,
+    check: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token cross-entropy in float32 and the number of tokens counted.
+
+    Returning the sum and the count (not the mean) lets accumulation normalise by the total token
+    count over all micro-batches, which a mean of per-micro-batch means gets wrong when the counts
+    differ.
+
+    Args:
+        params, tokens, cfg, attention_mask, segment_ids, remat, check: as for :func:`apply`.
+        targets: (B, T) next-token ids; IGNORE_INDEX marks positions not counted.
+        mask: optional (B, T) loss mask, nonzero where the token counts.
+
+    Returns:
+        (loss_sum, count): 0-d float32 tensors.
+    """
+    logits = apply(
+        params, tokens, cfg, attention_mask=attention_mask, segment_ids=segment_ids, remat=remat, check=check
+    )
+    nll = F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX
+    )  # (B*T,), float32
+    weight = (targets.flatten() != IGNORE_INDEX).to(torch.float32)
+    if mask is not None:
+        weight = weight * mask.flatten().to(torch.float32)
+    return (nll * weight).sum(), weight.sum()

@@ -1,0 +1,96 @@
+"""Rematerialisation (activation checkpointing) that works under ``torch.func.grad``.
+
+``torch.utils.checkpoint`` relies on saved-tensor hooks, which ``torch.func.grad`` and ``vjp`` do
+not support (pytorch issue 122729). Instead a custom ``torch.autograd.Function`` with a separate
+``setup_context`` (the form function transforms accept) saves only the block's inputs, and its
+backward recomputes the block with ``torch.func.vjp``. Memory falls from every activation inside
+the block to its input alone, at the cost of one more forward per block.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optree
+import torch
+
+__all__ = ["checkpoint", "remat_layers", "RematSpec"]
+
+RematSpec = Any  # None | "none" | "all" | int (every n-th block) | iterable of block indices
+
+
+class _Remat(torch.autograd.Function):
+    @staticmethod
+    def forward(fn, treespec, x, *leaves):
+        return fn(optree.tree_unflatten(treespec, list(leaves)), x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        fn, treespec, x, *leaves = inputs
+        ctx.fn = fn
+        ctx.treespec = treespec
+        ctx.save_for_backward(x, *leaves)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, *leaves = ctx.saved_tensors
+        fn, treespec = ctx.fn, ctx.treespec
+
+        def recompute(x_, *leaves_):
+            return fn(optree.tree_unflatten(treespec, list(leaves_)), x_)
+
+        with torch.enable_grad():
+            _, vjp_fn = torch.func.vjp(recompute, x, *leaves)
+            grads = vjp_fn(grad_out)
+        return (None, None, *grads)
+
+
+def checkpoint(fn: Callable, params: Any, x: torch.Tensor) -> torch.Tensor:
+    """``fn(params, x)``, keeping only ``params`` and ``x`` for the backward pass.
+
+    Args:
+        fn: a pure function of (params pytree, x); constants it needs (masks) are closed over and
+            receive no gradient.
+        params: the pytree of tensors ``fn`` differentiates with respect to.
+        x: the activation input, e.g. (B, T, C).
+
+    Returns:
+        ``fn(params, x)``; gradients equal those of the plain call.
+
+    Example:
+        >>> w = torch.randn(4, 4)
+        >>> y = checkpoint(lambda p, x: torch.tanh(x @ p["w"]), {"w": w}, torch.randn(2, 4))
+    """
+    leaves, treespec = optree.tree_flatten(params)
+    return _Remat.apply(fn, treespec, x, *leaves)
+
+
+def remat_layers(spec: RematSpec, n_layer: int) -> frozenset[int]:
+    """The block indices to rematerialise for ``spec``.
+
+    Args:
+        spec: None or "none" (no block), "all" (every block), an int n (every n-th block,
+            starting at block 0), or an iterable of block indices.
+        n_layer: number of blocks.
+
+    Example:
+        >>> sorted(remat_layers(2, 5))
+        [0, 2, 4]
+    """
+    if spec is None or spec == "none" or spec is False:
+        return frozenset()
+    if spec == "all" or spec is True:
+        return frozenset(range(n_layer))
+    if isinstance(spec, int):
+        if spec <= 0:
+            raise ValueError(f"remat_layers: every-n-th spec must be >= 1, got {spec}.")
+        return frozenset(range(0, n_layer, spec))
+    if isinstance(spec, str):
+        raise ValueError(
+            f"remat_layers: unknown spec {spec!r}; use None, 'none', 'all', an int n, or indices."
+        )
+    chosen = frozenset(int(i) for i in spec)
+    bad = sorted(i for i in chosen if not 0 <= i < n_layer)
+    if bad:
+        raise ValueError(f"remat_layers: block indices {bad} out of range for {n_layer} blocks.")
+    return chosen

@@ -1,0 +1,163 @@
+"""Pytree helpers on optree: the only place the library walks a tree of tensors.
+
+Every function is pure: it returns new tensors and never writes into its inputs.
+``None`` is an empty subtree (optree's default), so optional fields of NamedTuples are skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optree
+import torch
+
+__all__ = [
+    "tree_map",
+    "tree_leaves",
+    "tree_structure",
+    "tree_add",
+    "tree_sub",
+    "tree_scale",
+    "tree_cast",
+    "tree_zeros_like",
+    "tree_global_norm",
+    "tree_all_finite",
+    "tree_select",
+    "tree_bytes",
+    "tree_paths",
+    "tree_flatten_with_paths",
+    "tree_unflatten_from_paths",
+]
+
+PyTree = Any
+
+
+def tree_map(fn: Callable, tree: PyTree, *rest: PyTree) -> PyTree:
+    """``fn`` applied leaf by leaf over ``tree`` and trees of the same structure."""
+    return optree.tree_map(fn, tree, *rest)
+
+
+def tree_leaves(tree: PyTree) -> list:
+    """The leaves of ``tree`` in optree's canonical order (dict keys sorted)."""
+    return optree.tree_leaves(tree)
+
+
+def tree_structure(tree: PyTree):
+    """The treespec of ``tree``."""
+    return optree.tree_structure(tree)
+
+
+def _is_float(x: torch.Tensor) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+def tree_add(a: PyTree, b: PyTree) -> PyTree:
+    """Leafwise ``a + b``."""
+    return optree.tree_map(torch.add, a, b)
+
+
+def tree_sub(a: PyTree, b: PyTree) -> PyTree:
+    """Leafwise ``a - b``."""
+    return optree.tree_map(torch.sub, a, b)
+
+
+def tree_scale(tree: PyTree, scalar) -> PyTree:
+    """Every leaf multiplied by ``scalar`` (a Python number or a 0-d tensor)."""
+    return optree.tree_map(lambda x: x * scalar, tree)
+
+
+def tree_cast(tree: PyTree, dtype: torch.dtype | None) -> PyTree:
+    """Floating-point leaves cast to ``dtype``; integer and bool leaves untouched.
+
+    A leaf already of ``dtype`` is returned as is (no copy), as ``Tensor.to`` does.
+    """
+    if dtype is None:
+        return tree
+    return optree.tree_map(lambda x: x.to(dtype) if _is_float(x) else x, tree)
+
+
+def tree_zeros_like(tree: PyTree, dtype: torch.dtype | None = None) -> PyTree:
+    """A tree of zeros shaped like ``tree``, in ``dtype`` (default: each leaf's own)."""
+    return optree.tree_map(lambda x: torch.zeros_like(x, dtype=dtype or x.dtype), tree)
+
+
+def tree_global_norm(tree: PyTree) -> torch.Tensor:
+    """The L2 norm of all leaves together, as a 0-d float32 tensor.
+
+    Each leaf's norm is taken in float32 (half-precision squares overflow at 256).
+    """
+    leaves = [x for x in optree.tree_leaves(tree) if _is_float(x)]
+    if not leaves:
+        return torch.zeros((), dtype=torch.float32)
+    norms = torch._foreach_norm([x.float() if x.dtype != torch.float64 else x for x in leaves])
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+def tree_all_finite(tree: PyTree) -> torch.Tensor:
+    """A 0-d bool tensor: True when no floating leaf holds an inf or nan.
+
+    One fused reduction per leaf and no host sync, so it can sit inside a compiled step.
+    """
+    leaves = [x for x in optree.tree_leaves(tree) if _is_float(x)]
+    if not leaves:
+        return torch.ones((), dtype=torch.bool)
+    flags = torch.stack([torch.isfinite(x).all() for x in leaves])
+    return flags.all()
+
+
+def tree_select(pred: torch.Tensor | bool, on_true: PyTree, on_false: PyTree) -> PyTree:
+    """``on_true`` where ``pred`` holds, else ``on_false``, leaf by leaf, bit-exact.
+
+    With a Python bool the chosen tree is returned as is (no copy). With a tensor the choice is
+    made by ``torch.where`` so no host synchronisation is needed.
+    """
+    if isinstance(pred, bool):
+        return on_true if pred else on_false
+    return optree.tree_map(lambda a, b: torch.where(pred, a, b), on_true, on_false)
+
+
+def tree_bytes(tree: PyTree) -> int:
+    """Total bytes held by the tensor leaves of ``tree`` (shared storage counted once)."""
+    seen: set = set()
+    total = 0
+    for x in optree.tree_leaves(tree):
+        if not isinstance(x, torch.Tensor):
+            continue
+        key = (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.dtype)
+        if key in seen and x.numel() > 0:
+            continue
+        seen.add(key)
+        total += x.numel() * x.element_size()
+    return total
+
+
+def _key_to_str(path: tuple) -> str:
+    return ".".join(str(k) for k in path)
+
+
+def tree_paths(tree: PyTree) -> list[str]:
+    """Dotted key paths of the leaves, e.g. ``"h.0.attn.c_attn.weight"``."""
+    return [_key_to_str(p) for p in optree.tree_paths(tree)]
+
+
+def tree_flatten_with_paths(tree: PyTree) -> dict[str, Any]:
+    """A flat ``{dotted path: leaf}`` dict, in canonical leaf order."""
+    paths, leaves, _ = optree.tree_flatten_with_path(tree)
+    return {_key_to_str(p): leaf for p, leaf in zip(paths, leaves)}
+
+
+def tree_unflatten_from_paths(flat: dict[str, Any], like: PyTree) -> PyTree:
+    """Rebuild a tree shaped like ``like`` from a ``{dotted path: leaf}`` dict.
+
+    Raises ValueError listing missing and unexpected keys.
+    """
+    paths = tree_paths(like)
+    missing = [p for p in paths if p not in flat]
+    unexpected = sorted(set(flat) - set(paths))
+    if missing or unexpected:
+        raise ValueError(
+            "tree_unflatten_from_paths: keys do not match the expected tree; "
+            f"missing {missing}, unexpected {unexpected}."
+        )
+    spec = optree.tree_structure(like)
+    return optree.tree_unflatten(spec, [flat[p] for p in paths])
