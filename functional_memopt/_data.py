@@ -52,6 +52,8 @@ def encode(text: str | bytes) -> torch.Tensor:
         [104, 195, 169]
     """
     data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    if not data:
+        return torch.zeros(0, dtype=torch.long)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.long)
 
 

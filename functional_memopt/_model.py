@@ -272,15 +272,18 @@ def loss_fn(
         mask: optional (B, T) loss mask, nonzero where the token counts.
 
     Returns:
-        (loss_sum, count): 0-d float32 tensors.
+        (loss_sum, count): 0-d float32 tensors (float64 when the params are float64).
     """
     logits = apply(
         params, tokens, cfg, attention_mask=attention_mask, segment_ids=segment_ids, remat=remat, check=check
     )
+    # Half-precision logits are upcast so the log-softmax and the sum run in float32; float64
+    # stays float64 (the property tests run in it).
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     nll = F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX
+        logits.to(acc).flatten(0, 1), targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX
     )  # (B*T,), float32
-    weight = (targets.flatten() != IGNORE_INDEX).to(torch.float32)
+    weight = (targets.flatten() != IGNORE_INDEX).to(acc)
     if mask is not None:
-        weight = weight * mask.flatten().to(torch.float32)
+        weight = weight * mask.flatten().to(acc)
     return (nll * weight).sum(), weight.sum()
