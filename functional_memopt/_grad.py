@@ -1,0 +1,74 @@
+"""The gradient engine: one ``value_and_grad`` with one output order for the whole library.
+
+``torch.func.grad_and_value`` returns ``(grad, value)``, the reverse of JAX. This module wraps it
+once and returns ``(value, grad)`` everywhere. A second engine, ``"autograd"``, runs the same pure
+function through ``torch.autograd.grad`` on detached aliases of the leaves (no copy, inputs
+untouched): same results, measured separately in the benchmarks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optree
+import torch
+
+__all__ = ["value_and_grad", "ENGINES"]
+
+ENGINES = ("func", "autograd")
+
+
+def _autograd_value_and_grad(fn: Callable, has_aux: bool) -> Callable:
+    def wrapped(params, *args, **kwargs):
+        leaves, spec = optree.tree_flatten(params)
+        # Detached aliases share storage with the caller's leaves; requires_grad_ on them does not
+        # touch the caller's tensors, and nothing is written into the storage.
+        live = [x.detach().requires_grad_(x.is_floating_point()) for x in leaves]
+        with torch.enable_grad():
+            out = fn(optree.tree_unflatten(spec, live), *args, **kwargs)
+            value, aux = out if has_aux else (out, None)
+            wrt = [x for x in live if x.requires_grad]
+            grads = torch.autograd.grad(value, wrt, allow_unused=True)
+        it = iter(grads)
+        full = [
+            (g if g is not None else torch.zeros_like(x)) if x.requires_grad else torch.zeros_like(x)
+            for x, g in ((x, next(it) if x.requires_grad else None) for x in live)
+        ]
+        value = value.detach()
+        aux = optree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
+        grad_tree = optree.tree_unflatten(spec, full)
+        return ((value, aux) if has_aux else value), grad_tree
+
+    return wrapped
+
+
+def value_and_grad(fn: Callable, *, has_aux: bool = False, engine: str = "func") -> Callable:
+    """``fn`` turned into ``params, *args -> (value, grads)``, JAX's order.
+
+    Args:
+        fn: ``fn(params, *args, **kwargs)`` returning a 0-d tensor, or ``(value, aux)`` with
+            ``has_aux``; params (the first argument) is the pytree differentiated.
+        has_aux: whether fn returns auxiliary outputs next to the value.
+        engine: "func" (``torch.func.grad_and_value``) or "autograd" (``torch.autograd.grad``).
+
+    Returns:
+        A function returning ``(value, grads)`` or ``((value, aux), grads)``; grads have the
+        structure of params.
+
+    Example:
+        >>> vg = value_and_grad(lambda p, x: (p["w"] * x).sum())
+        >>> value, grads = vg({"w": torch.ones(3)}, torch.arange(3.0))
+        >>> grads["w"].tolist()
+        [0.0, 1.0, 2.0]
+    """
+    if engine == "autograd":
+        return _autograd_value_and_grad(fn, has_aux)
+    if engine != "func":
+        raise ValueError(f"value_and_grad: engine must be one of {ENGINES}, got {engine!r}.")
+    gv = torch.func.grad_and_value(fn, argnums=0, has_aux=has_aux)
+
+    def wrapped(params, *args, **kwargs):
+        grads, value = gv(params, *args, **kwargs)
+        return value, grads
+
+    return wrapped
