@@ -21,8 +21,8 @@ class Accumulated(NamedTuple):
     """What the fold returns."""
 
     grads: Any  # pytree like params, float32 (float64 for float64 grads): the sum of micro-batch grads
-    loss_sum: torch.Tensor  # () float32: sum of unscaled per-token losses over all micro-batches
-    count: torch.Tensor  # () float32: tokens counted over all micro-batches
+    loss_sum: torch.Tensor  # () float32 (float64 for a float64 loss): sum of unscaled per-token losses over all micro-batches
+    count: torch.Tensor  # () float32 (or float64): tokens counted over all micro-batches
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -64,13 +64,14 @@ def accumulate_gradients(
             # The first micro-batch's gradients become the accumulator (no zeros allocated);
             # they are fresh tensors owned by this fold, so adding into them in place is safe.
             acc_leaves, spec = wide, spec_i
-            loss_sum, count = mb_loss.float(), mb_count.float()
+            loss_sum = mb_loss.to(accumulator_dtype(mb_loss.dtype))
+            count = mb_count.to(accumulator_dtype(mb_count.dtype))
         else:
             if spec_i != spec:
                 raise ValueError("accumulate_gradients: micro-batch gradients changed tree structure.")
             torch._foreach_add_(acc_leaves, wide)
-            loss_sum = loss_sum + mb_loss.float()
-            count = count + mb_count.float()
+            loss_sum = loss_sum + mb_loss
+            count = count + mb_count
         del grads, leaves, wide  # let this micro-batch's gradients go before the next forward
     if acc_leaves is None:
         raise ValueError("accumulate_gradients: got no micro-batches; pass at least one.")

@@ -29,9 +29,18 @@ except ImportError:  # pragma: no cover - exercised only without the testing ext
 __all__ = [
     "assert_trees_close",
     "assert_trees_equal",
+    "assert_accumulation_equivalent",
+    "assert_precision_close",
+    "assert_skipped_step_is_noop",
+    "assert_steps_equivalent",
+    "poison",
     "configs",
+    "params",
     "token_batches",
     "ragged_batches",
+    "policies",
+    "nonfinite_values",
+    "accumulation_steps",
 ]
 
 
@@ -143,3 +152,148 @@ def ragged_batches(cfg: ModelConfig, *, min_rows: int = 1, max_rows: int = 4):
         return Batch(tokens, targets, real.to(torch.float32), real)
 
     return build()
+
+
+def params(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32):
+    """Freshly initialised params for ``cfg`` with a drawn seed."""
+    _require_hypothesis()
+    from ._model import init_params
+
+    return st.integers(0, 2**31 - 1).map(lambda seed: init_params(cfg, seed=seed, dtype=dtype))
+
+
+def policies(*, reduced_only: bool = False):
+    """Precision policy strings: fp32 and the mixed / pure half-precision short forms."""
+    _require_hypothesis()
+    names = ["mixed_bf16", "mixed_fp16", "bf16", "fp16"] + ([] if reduced_only else ["fp32"])
+    return st.sampled_from(names)
+
+
+def nonfinite_values():
+    """inf, -inf or nan, to inject into a loss or a gradient."""
+    _require_hypothesis()
+    return st.sampled_from([float("inf"), float("-inf"), float("nan")])
+
+
+def accumulation_steps(batch_size: int):
+    """Accumulation step counts from 1 to ``batch_size`` (dividing it or not)."""
+    _require_hypothesis()
+    return st.integers(1, max(1, batch_size))
+
+
+# ----------------------------------------------------------------------------- assertions
+
+
+def poison(loss_fn, value: float):
+    """``loss_fn`` whose loss sum is multiplied by ``value`` (e.g. inf): gradients become non-finite.
+
+    Example:
+        >>> bad = poison(lambda p, b: ((p * b).sum(), torch.tensor(1.0)), float("inf"))
+    """
+
+    def poisoned(params, batch):
+        loss_sum, count = loss_fn(params, batch)
+        return loss_sum * value, count
+
+    return poisoned
+
+
+def _grad_of_mean(loss_fn, params, batch):
+    from ._grad import value_and_grad
+
+    def mean(p):
+        s, c = loss_fn(p, batch)
+        return s / c.clamp(min=1)
+
+    return value_and_grad(mean)(params)[1]
+
+
+def assert_accumulation_equivalent(loss_fn, params, batch, k: int, *, rtol: float | None = None,
+                                   atol: float | None = None) -> None:
+    """Assert that folding ``k`` micro-batches gives the full-batch, token-weighted gradient.
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> (loss_sum, count)``, yours or the library's.
+        params: the params pytree.
+        batch: a NamedTuple of (B, ...) tensors that ``split_microbatches`` can split.
+        k: number of micro-batches (need not divide B).
+        rtol, atol: default 1e-10 for float64 params and 1e-5 for float32.
+    """
+    from ._accumulate import accumulate_gradients
+    from ._data import split_microbatches
+    from ._grad import value_and_grad
+
+    dtype = optree.tree_leaves(params)[0].dtype
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    rtol = tol if rtol is None else rtol
+    atol = tol if atol is None else atol
+    full = _grad_of_mean(loss_fn, params, batch)
+    def with_aux(p, mb):
+        out = loss_fn(p, mb)
+        return out[0], out
+
+    grad_fn = value_and_grad(with_aux, has_aux=True)
+    acc = accumulate_gradients(grad_fn, params, split_microbatches(batch, k))
+    folded = optree.tree_map(lambda g: (g / acc.count.clamp(min=1).to(g.dtype)).to(dtype), acc.grads)
+    assert_trees_close(folded, full, rtol=rtol, atol=atol, msg=f"accumulation over {k} micro-batches: ")
+
+
+def assert_precision_close(loss_fn, params, batch, policy, *, loss_factor: float | None = None,
+                           grad_factor: float | None = None, mode: str = "cast") -> None:
+    """Assert a reduced-precision run of ``loss_fn`` stays within epsilon-derived tolerances of fp32.
+
+    The mean loss must agree within ``loss_factor * eps`` relative and the gradient within
+    ``grad_factor * eps`` relative L2 error, eps being the compute dtype's machine epsilon (the
+    library's default factors are documented in ``functional_memopt._precision``).
+    """
+    from ._precision import (GRAD_TOLERANCE_FACTOR, LOSS_TOLERANCE_FACTOR, get_policy, relative_error,
+                             tolerance, with_policy)
+
+    pol = get_policy(policy)
+    dtype = pol.compute_dtype
+    loss_tol = tolerance(dtype, factor=loss_factor or LOSS_TOLERANCE_FACTOR)
+    grad_tol = tolerance(dtype, factor=grad_factor or GRAD_TOLERANCE_FACTOR)
+    fp32 = optree.tree_map(lambda x: x.float() if x.is_floating_point() else x, params)
+
+    def mean_of(fn):
+        from ._grad import value_and_grad
+
+        def mean(p):
+            s, c = fn(p, batch)
+            return s.float() / c.float().clamp(min=1)
+
+        return value_and_grad(mean)(fp32)
+
+    ref_loss, ref_grads = mean_of(loss_fn)
+    low_loss, low_grads = mean_of(with_policy(loss_fn, pol, mode=mode))
+    loss_err = abs(float(low_loss) - float(ref_loss)) / max(abs(float(ref_loss)), 1e-12)
+    if not loss_err <= loss_tol:
+        raise AssertionError(f"policy {pol}: loss relative error {loss_err:.3e} > tolerance {loss_tol:.3e}")
+    grad_err = relative_error(low_grads, ref_grads)
+    if not grad_err <= grad_tol:
+        raise AssertionError(f"policy {pol}: gradient relative error {grad_err:.3e} > tolerance {grad_tol:.3e}")
+
+
+def assert_skipped_step_is_noop(step, state, batch) -> dict:
+    """Assert ``step`` reports a skip and changes nothing but the loss scale.
+
+    Give it a state/batch whose gradients are non-finite (e.g. a step built on ``poison(loss_fn,
+    inf)``, or fp16 with a huge loss scale). Params, optimizer state and step count must come back
+    bit-identical; the inputs must be unmutated. Returns the metrics.
+    """
+    before = optree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, state)
+    new, metrics = step(state, batch)
+    if not bool(metrics["skipped"]):
+        raise AssertionError("the step did not report skipped=True; its gradients were finite")
+    assert_trees_equal(new._replace(loss_scale=None), before._replace(loss_scale=None), msg="skipped step: ")
+    assert_trees_equal(state, before, msg="skipped step mutated its input: ")
+    return metrics
+
+
+def assert_steps_equivalent(step_a, step_b, state, batches, *, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Run two steps side by side over ``batches`` and assert their states stay close."""
+    sa, sb = state, state
+    for i, batch in enumerate(batches):
+        sa, _ = step_a(sa, batch)
+        sb, _ = step_b(sb, batch)
+        assert_trees_close(sa, sb, rtol=rtol, atol=atol, msg=f"after step {i + 1}: ")

@@ -1,0 +1,156 @@
+import dataclasses
+
+import optree
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import functional_memopt as fm
+from functional_memopt import testing
+from functional_memopt._loss_scale import dynamic_loss_scale, static_loss_scale
+from functional_memopt._optim import adamw, sgd
+from functional_memopt._train import TrainState, init_train_state, make_loss_fn, make_train_step
+
+SMALL = fm.ModelConfig(vocab_size=32, block_size=12, n_layer=2, n_head=2, n_embd=16)
+
+
+def _batch(cfg, B=4, T=None, seed=0, ragged=False):
+    T = T or cfg.block_size
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    targets = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    if not ragged:
+        return fm.Batch(tokens, targets, torch.ones(B, T))
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    real = torch.arange(T)[None] < lengths[:, None]
+    return fm.Batch(tokens, torch.where(real, targets, fm.IGNORE_INDEX), real.float(), real)
+
+
+@given(testing.configs(max_layer=2), st.data(), st.sampled_from([torch.float64, torch.float32]))
+def test_micro_batches_accumulate_to_the_full_batch_gradient_with_ragged_masks(cfg, data, dtype):
+    params = data.draw(testing.params(cfg, dtype=dtype))
+    batch = data.draw(testing.ragged_batches(cfg, min_rows=1, max_rows=6))
+    k = data.draw(testing.accumulation_steps(batch.size))
+    testing.assert_accumulation_equivalent(make_loss_fn(cfg), params, batch, k)
+
+
+@given(st.integers(1, 6), st.integers(0, 1000))
+def test_the_step_normalises_by_total_tokens_not_by_a_mean_of_means(k, seed):
+    params = fm.tree_cast(fm.init_params(SMALL, seed=seed), torch.float64)
+    batch = _batch(SMALL, B=6, seed=seed, ragged=True)
+    opt = sgd(1.0)
+    fp64 = "params=float64,compute=float64,output=float64"
+    one = make_train_step(SMALL, opt, policy=fp64)
+    many = make_train_step(SMALL, opt, policy=fp64, accum_steps=k)
+    s1, m1 = one(init_train_state(params, opt), batch)
+    sk, mk = many(init_train_state(params, opt), batch)
+    testing.assert_trees_close(sk.params, s1.params, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(mk["loss"], m1["loss"], rtol=1e-10, atol=0)
+    assert float(mk["tokens"]) == float(batch.mask.sum())
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("ls", ["none", "dynamic"])
+def test_a_step_with_nonfinite_gradients_changes_nothing_but_the_loss_scale(bad, ls):
+    opt = adamw(fm._schedules.warmup_cosine(1e-3, 2, 10) if hasattr(fm, "_schedules") else 1e-3)
+    loss_scale = dynamic_loss_scale(2.0**8) if ls == "dynamic" else None
+    state = init_train_state(fm.init_params(SMALL), opt, loss_scale=loss_scale)
+    good = make_train_step(SMALL, opt, accum_steps=2, max_grad_norm=1.0)
+    state, _ = good(state, _batch(SMALL, seed=1))  # nonzero optimizer state and count
+    bad_step = make_train_step(SMALL, opt, accum_steps=2, max_grad_norm=1.0,
+                               loss_fn=testing.poison(make_loss_fn(SMALL), bad))
+    metrics = testing.assert_skipped_step_is_noop(bad_step, state, _batch(SMALL, seed=2))
+    new, _ = bad_step(state, _batch(SMALL, seed=2))
+    if ls == "dynamic":
+        assert float(new.loss_scale.loss_scale) == float(state.loss_scale.loss_scale) / 2
+    assert bool(metrics["skipped"]) and not torch.isfinite(metrics["grad_norm"])
+
+
+def test_fp16_overflow_is_skipped_and_the_scale_backs_off_until_steps_succeed():
+    opt = adamw(1e-3)
+    state = init_train_state(fm.init_params(SMALL), opt, loss_scale=dynamic_loss_scale(2.0**40, growth_interval=3))
+    step = make_train_step(SMALL, opt, policy="mixed_fp16")
+    skipped = []
+    for i in range(40):
+        state, m = step(state, _batch(SMALL, seed=i))
+        skipped.append(bool(m["skipped"]))
+    assert skipped[0] and not all(skipped) and not skipped[-1]
+    assert int(state.step) == skipped.count(False)
+    assert float(state.loss_scale.loss_scale) < 2.0**40
+
+
+@given(testing.policies(reduced_only=True), st.integers(0, 100))
+def test_reduced_precision_loss_and_gradients_stay_within_epsilon_tolerances(policy, seed):
+    cfg = SMALL
+    testing.assert_precision_close(make_loss_fn(cfg), fm.init_params(cfg, seed=seed), _batch(cfg, seed=seed), policy)
+
+
+@pytest.mark.parametrize("policy", ["mixed_bf16", "mixed_fp16"])
+def test_reduced_precision_steps_track_the_fp32_step(policy):
+    opt = adamw(1e-3)
+    params = fm.init_params(SMALL, seed=3)
+    ref = make_train_step(SMALL, opt)
+    low = make_train_step(SMALL, opt, policy=policy)
+    s_ref, s_low = init_train_state(params, opt), init_train_state(params, opt)
+    for i in range(3):
+        s_ref, _ = ref(s_ref, _batch(SMALL, seed=i))
+        s_low, _ = low(s_low, _batch(SMALL, seed=i))
+    eps = torch.finfo(torch.bfloat16 if policy == "mixed_bf16" else torch.float16).eps
+    # Adam normalises updates, so parameters differ by at most ~lr per step where grads disagree.
+    testing.assert_trees_close(s_low.params, s_ref.params, rtol=0, atol=3 * 1e-3 * 1.01)
+    assert fm.tree_map(lambda p: p.dtype, s_low.params) == fm.tree_map(lambda p: p.dtype, s_ref.params)
+    assert eps > 0
+
+
+def test_step_never_mutates_its_inputs_and_donation_gives_the_same_result():
+    opt = adamw(1e-3, weight_decay=0.1)
+    state = init_train_state(fm.init_params(SMALL), opt, loss_scale=dynamic_loss_scale(2.0**4))
+    batch = _batch(SMALL, ragged=True)
+    snapshot = optree.tree_map(torch.clone, state)
+    pure, _ = make_train_step(SMALL, opt, accum_steps=2, max_grad_norm=0.5)(state, batch)
+    testing.assert_trees_equal(state, snapshot)
+    donated_in = optree.tree_map(torch.clone, state)
+    donated, _ = make_train_step(SMALL, opt, accum_steps=2, max_grad_norm=0.5, donate=True)(donated_in, batch)
+    testing.assert_trees_equal(donated, pure)
+
+
+@pytest.mark.parametrize("variant", [dict(remat="all"), dict(remat=2), dict(engine="func"), dict(policy_mode="autocast")])
+def test_step_variants_match_the_plain_step(variant):
+    opt = adamw(1e-3)
+    state = init_train_state(fm.init_params(SMALL), opt)
+    batches = [_batch(SMALL, seed=i, ragged=True) for i in range(3)]
+    testing.assert_steps_equivalent(make_train_step(SMALL, opt, accum_steps=2, **variant),
+                                    make_train_step(SMALL, opt, accum_steps=2), state, batches,
+                                    rtol=1e-6, atol=1e-6)
+
+
+def test_train_state_round_trips_through_flatten_with_non_default_values():
+    opt = adamw(1e-3)
+    state = init_train_state(fm.init_params(SMALL), opt, loss_scale=dynamic_loss_scale(2.0**5, growth_interval=7, min_loss_scale=2.0))
+    state, _ = make_train_step(SMALL, opt)(state, _batch(SMALL))
+    leaves, spec = optree.tree_flatten(state)
+    back = optree.tree_unflatten(spec, leaves)
+    testing.assert_trees_equal(back, state)
+    assert isinstance(back, TrainState) and int(back.step) == 1 and int(back.loss_scale.growth_interval) == 7
+
+
+def test_metrics_report_loss_tokens_scale_and_norm():
+    opt = sgd(0.1)
+    state = init_train_state(fm.init_params(SMALL), opt, loss_scale=static_loss_scale(2.0**3))
+    batch = _batch(SMALL, ragged=True)
+    _, m = make_train_step(SMALL, opt)(state, batch)
+    s, c = make_loss_fn(SMALL)(state.params, batch)
+    torch.testing.assert_close(m["loss"], s / c)
+    assert float(m["tokens"]) == float(c) and float(m["loss_scale"]) == 8.0 and not bool(m["skipped"])
+    g = torch.func.grad(lambda p: make_loss_fn(SMALL)(p, batch)[0] / c)(state.params)
+    torch.testing.assert_close(m["grad_norm"], fm.tree_global_norm(g), rtol=1e-5, atol=1e-7)
+
+
+def test_bad_step_arguments_are_rejected():
+    with pytest.raises(ValueError, match="accum_steps"):
+        make_train_step(SMALL, sgd(0.1), accum_steps=0)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        make_train_step(SMALL, sgd(0.1), max_grad_norm=-1.0)
+    with pytest.raises(ValueError, match="between 1 and the batch size"):
+        make_train_step(SMALL, sgd(0.1), accum_steps=5)(init_train_state(fm.init_params(SMALL), sgd(0.1)), _batch(SMALL, B=4))
