@@ -1,67 +1,137 @@
-"""functional_memopt: memory optimisations for training transformer LMs, functional style on torch.func."""
+"""functional_memopt: memory optimisations for training transformer LMs, in a functional style on torch.func.
 
-from ._attention import build_attention_mask as build_attention_mask
-from ._attention import causal_attention as causal_attention
-from ._attention import positions_from_segments as positions_from_segments
-from ._config import PRESETS as PRESETS
+The public surface is exactly what this module re-exports; everything else is private.
+"""
+
+from ._version import __version__ as __version__
 from ._config import ModelConfig as ModelConfig
+from ._config import PRESETS as PRESETS
 from ._config import get_config as get_config
-from ._data import Batch as Batch
-from ._data import decode as decode
-from ._data import encode as encode
-from ._data import load_corpus as load_corpus
-from ._data import pack_documents as pack_documents
-from ._data import pad_sequences as pad_sequences
-from ._data import sample_batch as sample_batch
-from ._data import split_microbatches as split_microbatches
-from ._data import train_val_split as train_val_split
+from ._tree import tree_map as tree_map
+from ._tree import tree_add as tree_add
+from ._tree import tree_sub as tree_sub
+from ._tree import tree_scale as tree_scale
+from ._tree import tree_cast as tree_cast
+from ._tree import tree_zeros_like as tree_zeros_like
+from ._tree import tree_global_norm as tree_global_norm
+from ._tree import tree_all_finite as tree_all_finite
+from ._tree import tree_select as tree_select
+from ._tree import tree_bytes as tree_bytes
+from ._tree import tree_flatten_with_paths as tree_flatten_with_paths
+from ._tree import tree_unflatten_from_paths as tree_unflatten_from_paths
+from ._attention import causal_attention as causal_attention
+from ._attention import build_attention_mask as build_attention_mask
+from ._attention import positions_from_segments as positions_from_segments
 from ._model import IGNORE_INDEX as IGNORE_INDEX
-from ._model import apply as apply
-from ._model import check_params as check_params
 from ._model import init_params as init_params
+from ._model import apply as apply
 from ._model import loss_fn as loss_fn
 from ._model import param_shapes as param_shapes
+from ._model import check_params as check_params
 from ._remat import checkpoint as checkpoint
 from ._remat import remat_layers as remat_layers
-from ._tree import tree_add as tree_add
-from ._tree import tree_all_finite as tree_all_finite
-from ._tree import tree_bytes as tree_bytes
-from ._tree import tree_cast as tree_cast
-from ._tree import tree_flatten_with_paths as tree_flatten_with_paths
-from ._tree import tree_global_norm as tree_global_norm
-from ._tree import tree_map as tree_map
-from ._tree import tree_scale as tree_scale
-from ._tree import tree_select as tree_select
-from ._tree import tree_sub as tree_sub
-from ._tree import tree_unflatten_from_paths as tree_unflatten_from_paths
-from ._tree import tree_zeros_like as tree_zeros_like
-
-__version__ = "0.1.0"
+from ._data import Batch as Batch
+from ._data import encode as encode
+from ._data import decode as decode
+from ._data import load_corpus as load_corpus
+from ._data import train_val_split as train_val_split
+from ._data import sample_batch as sample_batch
+from ._data import split_microbatches as split_microbatches
+from ._data import pad_sequences as pad_sequences
+from ._data import pack_documents as pack_documents
+from ._grad import value_and_grad as value_and_grad
+from ._precision import Policy as Policy
+from ._precision import get_policy as get_policy
+from ._precision import with_policy as with_policy
+from ._loss_scale import NoOpLossScale as NoOpLossScale
+from ._loss_scale import StaticLossScale as StaticLossScale
+from ._loss_scale import DynamicLossScale as DynamicLossScale
+from ._loss_scale import no_op_loss_scale as no_op_loss_scale
+from ._loss_scale import static_loss_scale as static_loss_scale
+from ._loss_scale import dynamic_loss_scale as dynamic_loss_scale
+from ._loss_scale import all_finite as all_finite
+from ._accumulate import accumulate_gradients as accumulate_gradients
+from ._optim import GradientTransformation as GradientTransformation
+from ._optim import ScaleByAdamState as ScaleByAdamState
+from ._optim import SgdState as SgdState
+from ._optim import EmptyState as EmptyState
+from ._optim import chain as chain
+from ._optim import sgd as sgd
+from ._optim import adamw as adamw
+from ._optim import clip_by_global_norm as clip_by_global_norm
+from ._optim import apply_updates as apply_updates
+from ._optim import decay_mask as decay_mask
+from ._schedules import constant_schedule as constant_schedule
+from ._schedules import linear_warmup as linear_warmup
+from ._schedules import cosine_decay as cosine_decay
+from ._schedules import warmup_cosine as warmup_cosine
+from ._train import TrainState as TrainState
+from ._train import init_train_state as init_train_state
+from ._train import make_train_step as make_train_step
+from ._train import make_loss_fn as make_loss_fn
+from ._train import batch_token_count as batch_token_count
+from ._storage import save_params as save_params
+from ._storage import load_params as load_params
+from ._gpt2 import load_gpt2 as load_gpt2
+from ._gpt2 import save_gpt2 as save_gpt2
 
 __all__ = [
-    "Batch",
-    "IGNORE_INDEX",
-    "ModelConfig",
-    "PRESETS",
+    "__version__",
+    "accumulate_gradients",
+    "adamw",
+    "all_finite",
     "apply",
+    "apply_updates",
+    "Batch",
+    "batch_token_count",
     "build_attention_mask",
     "causal_attention",
+    "chain",
     "check_params",
     "checkpoint",
+    "clip_by_global_norm",
+    "constant_schedule",
+    "cosine_decay",
+    "decay_mask",
     "decode",
+    "dynamic_loss_scale",
+    "DynamicLossScale",
+    "EmptyState",
     "encode",
     "get_config",
+    "get_policy",
+    "GradientTransformation",
+    "IGNORE_INDEX",
     "init_params",
+    "init_train_state",
+    "linear_warmup",
     "load_corpus",
+    "load_gpt2",
+    "load_params",
     "loss_fn",
+    "make_loss_fn",
+    "make_train_step",
+    "ModelConfig",
+    "no_op_loss_scale",
+    "NoOpLossScale",
     "pack_documents",
     "pad_sequences",
     "param_shapes",
+    "Policy",
     "positions_from_segments",
+    "PRESETS",
     "remat_layers",
     "sample_batch",
+    "save_gpt2",
+    "save_params",
+    "ScaleByAdamState",
+    "sgd",
+    "SgdState",
     "split_microbatches",
+    "static_loss_scale",
+    "StaticLossScale",
     "train_val_split",
+    "TrainState",
     "tree_add",
     "tree_all_finite",
     "tree_bytes",
@@ -74,4 +144,7 @@ __all__ = [
     "tree_sub",
     "tree_unflatten_from_paths",
     "tree_zeros_like",
+    "value_and_grad",
+    "warmup_cosine",
+    "with_policy",
 ]

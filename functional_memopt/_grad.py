@@ -65,10 +65,25 @@ def value_and_grad(fn: Callable, *, has_aux: bool = False, engine: str = "func")
         return _autograd_value_and_grad(fn, has_aux)
     if engine != "func":
         raise ValueError(f"value_and_grad: engine must be one of {ENGINES}, got {engine!r}.")
-    gv = torch.func.grad_and_value(fn, argnums=0, has_aux=has_aux)
 
     def wrapped(params, *args, **kwargs):
-        grads, value = gv(params, *args, **kwargs)
-        return value, grads
+        leaves, spec = optree.tree_flatten(params)
+        is_float = [isinstance(x, torch.Tensor) and x.is_floating_point() for x in leaves]
+        if all(is_float):
+            grads, value = torch.func.grad_and_value(fn, argnums=0, has_aux=has_aux)(params, *args, **kwargs)
+            return value, grads
+
+        # Integer leaves (e.g. step counters inside params) cannot be differentiated: only the
+        # floating leaves are arguments of the transformed function; the others get zeros.
+        def on_floats(floats):
+            it = iter(floats)
+            full = [next(it) if f else x for x, f in zip(leaves, is_float)]
+            return fn(optree.tree_unflatten(spec, full), *args, **kwargs)
+
+        floats = [x for x, f in zip(leaves, is_float) if f]
+        float_grads, value = torch.func.grad_and_value(on_floats, argnums=0, has_aux=has_aux)(floats)
+        it = iter(float_grads)
+        full = [next(it) if f else torch.zeros_like(x) for x, f in zip(leaves, is_float)]
+        return value, optree.tree_unflatten(spec, full)
 
     return wrapped

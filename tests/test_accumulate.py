@@ -1,0 +1,41 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from functional_memopt import testing
+from functional_memopt._accumulate import accumulate_gradients, accumulator_dtype
+
+
+def _grad_fn(p, x):
+    loss_sum = (p["w"] * x).sum()
+    return (loss_sum, (loss_sum, torch.tensor(float(x.numel())))), {"w": x.sum(0).to(p["w"].dtype)}
+
+
+@given(st.integers(1, 6), st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]))
+def test_fold_sums_gradients_losses_and_counts_in_a_wide_accumulator(k, dtype):
+    p = {"w": torch.ones(3, dtype=dtype)}
+    parts = [torch.full((2, 3), float(i + 1), dtype=dtype) for i in range(k)]
+    acc = accumulate_gradients(_grad_fn, p, iter(parts))
+    assert acc.grads["w"].dtype == accumulator_dtype(dtype)
+    want = sum(x.double().sum(0) for x in parts)
+    torch.testing.assert_close(acc.grads["w"].double(), want)
+    assert float(acc.count) == 6.0 * k
+
+
+def test_half_gradients_do_not_overflow_in_the_fp32_accumulator():
+    p = {"w": torch.ones(1, dtype=torch.float16)}
+    parts = [torch.full((1, 1), 60000.0, dtype=torch.float16)] * 4
+    acc = accumulate_gradients(_grad_fn, p, parts)
+    assert float(acc.grads["w"]) == 240000.0
+
+
+def test_fold_leaves_params_and_micro_batches_untouched_and_rejects_empty_input():
+    p = {"w": torch.ones(3)}
+    parts = [torch.ones(2, 3), torch.ones(2, 3)]
+    before = [x.clone() for x in parts]
+    accumulate_gradients(_grad_fn, p, parts)
+    testing.assert_trees_equal(parts, before)
+    testing.assert_trees_equal(p, {"w": torch.ones(3)})
+    with pytest.raises(ValueError, match="no micro-batches"):
+        accumulate_gradients(_grad_fn, p, [])
