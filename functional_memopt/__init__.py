@@ -74,6 +74,10 @@ from ._storage import save_params as save_params
 from ._storage import load_params as load_params
 from ._gpt2 import load_gpt2 as load_gpt2
 from ._gpt2 import save_gpt2 as save_gpt2
+from ._gpt2 import config_from_gpt2_config as config_from_gpt2_config
+from ._gpt2 import gpt2_config_from_config as gpt2_config_from_config
+from ._gpt2 import gpt2_state_dict_from_params as gpt2_state_dict_from_params
+from ._gpt2 import params_from_gpt2_state_dict as params_from_gpt2_state_dict
 
 __all__ = [
     "__version__",
@@ -90,6 +94,7 @@ __all__ = [
     "check_params",
     "checkpoint",
     "clip_by_global_norm",
+    "config_from_gpt2_config",
     "constant_schedule",
     "cosine_decay",
     "decay_mask",
@@ -100,6 +105,8 @@ __all__ = [
     "encode",
     "get_config",
     "get_policy",
+    "gpt2_config_from_config",
+    "gpt2_state_dict_from_params",
     "GradientTransformation",
     "IGNORE_INDEX",
     "init_params",
@@ -117,6 +124,7 @@ __all__ = [
     "pack_documents",
     "pad_sequences",
     "param_shapes",
+    "params_from_gpt2_state_dict",
     "Policy",
     "positions_from_segments",
     "PRESETS",
