@@ -1,0 +1,271 @@
+"""Precision policies: which dtype params are stored in, computed in, and returned in.
+
+A :class:`Policy` names three dtypes; :func:`with_policy` turns a function of params into one that
+runs at the policy's compute precision. The default route is an explicit cast (as DeepMind's jmp
+does): params are cast to the compute dtype *inside* the differentiated function, so
+``torch.func.grad`` carries the gradient back through ``.to()`` and returns it in the params' own
+dtype (float32 for float32 master params). The alternative route runs the function under
+``torch.autocast``, which lowers only the ops on autocast's list (matmuls, linear, attention).
+
+On ``torch.autocast`` under ``torch.func.grad``: autocast's rules are written for forward ops only;
+backward ops are never autocast (functorch issue 305). Backward ops still run in the dtype of the
+forward tensors they consume, so on torch 2.13 (CPU) the gradients of an autocast function under
+``torch.func.grad`` are bit-identical to ``torch.autograd.grad`` of the same function, and to the
+explicit cast of the same ops; tests/test_precision.py holds this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import torch
+
+from ._tree import tree_cast, tree_leaves, tree_map
+
+__all__ = [
+    "Policy",
+    "get_policy",
+    "with_policy",
+    "tolerance",
+    "relative_error",
+    "LOSS_TOLERANCE_FACTOR",
+    "GRAD_TOLERANCE_FACTOR",
+]
+
+PyTree = Any
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64, "f64": torch.float64, "double": torch.float64,
+}
+_NAMES: dict[torch.dtype, str] = {
+    torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"
+}
+_F32, _F16, _BF16 = torch.float32, torch.float16, torch.bfloat16
+_SHORT_FORMS: dict[str, tuple[torch.dtype, torch.dtype, torch.dtype]] = {
+    "fp32": (_F32, _F32, _F32),
+    "bf16": (_BF16, _BF16, _BF16),
+    "fp16": (_F16, _F16, _F16),
+    "mixed_fp16": (_F32, _F16, _F32),
+    "mixed_bf16": (_F32, _BF16, _F32),
+}
+_KEYS = {"params": "param_dtype", "param": "param_dtype", "p": "param_dtype",
+         "compute": "compute_dtype", "c": "compute_dtype", "output": "output_dtype", "o": "output_dtype"}
+
+# Tolerance factors, in units of the compute dtype's epsilon, for a reduced-precision run against
+# the float32 run of the same function, at initialisation-scale weights. Each op rounds its result
+# once (unit roundoff eps/2; matmuls accumulate in float32), and independent roundings add like a
+# random walk, so n rounded ops in a chain drift by about eps/2 * sqrt(n).
+# Loss: float32 cross-entropy of rounded logits, summed over tokens whose rounding errors mostly
+# cancel. Measured at most 0.12 eps (mixed bf16 and fp16, cast and autocast, 200 random small
+# configs with n_embd >= 8, and the tiny and small presets); 2 eps leaves a 16x margin and still
+# notices one token in a hundred gone missing under fp16.
+# Gradients (relative L2 error over the whole tree): each leaf comes out of a forward and a
+# backward chain of some 10 to 20 rounded ops per block; measured 0.4 to 1.6 eps (1.0 on tiny,
+# 1.3 on small), and 8 eps leaves a 5x margin for deeper models and unlucky draws while a real bug
+# (a lost term or a wrong cast, an O(1) relative error) is 128 bf16 eps or 1024 fp16 eps.
+# Not meaningful for n_embd = 1: layer norm of one number has zero gradient in exact arithmetic.
+LOSS_TOLERANCE_FACTOR = 2.0
+GRAD_TOLERANCE_FACTOR = 8.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """The dtypes of params at rest, of the computation, and of the outputs.
+
+    A frozen dataclass, not a NamedTuple, so that optree treats a policy as one opaque value and
+    never flattens its dtypes into a tree of tensors.
+
+    Example:
+        >>> p = Policy(torch.float32, torch.bfloat16, torch.float32)
+        >>> str(p)
+        'params=float32,compute=bfloat16,output=float32'
+    """
+
+    param_dtype: torch.dtype  # dtype the (master) params are stored and updated in
+    compute_dtype: torch.dtype  # dtype the forward and backward ops run in
+    output_dtype: torch.dtype  # dtype of the function's floating outputs (the loss)
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value not in _NAMES:
+                raise TypeError(
+                    f"Policy: {field.name} must be one of {list(_NAMES.values())} as a torch.dtype, "
+                    f"got {value!r}; pass e.g. {field.name}=torch.float32."
+                )
+
+    def cast_to_param(self, tree: PyTree) -> PyTree:
+        """Floating leaves of ``tree`` cast to ``param_dtype``; other leaves untouched."""
+        return tree_cast(tree, self.param_dtype)
+
+    def cast_to_compute(self, tree: PyTree) -> PyTree:
+        """Floating leaves of ``tree`` cast to ``compute_dtype``; other leaves untouched."""
+        return tree_cast(tree, self.compute_dtype)
+
+    def cast_to_output(self, tree: PyTree) -> PyTree:
+        """Floating leaves of ``tree`` cast to ``output_dtype``; other leaves untouched."""
+        return tree_cast(tree, self.output_dtype)
+
+    def __str__(self) -> str:
+        return (
+            f"params={_NAMES[self.param_dtype]},compute={_NAMES[self.compute_dtype]},"
+            f"output={_NAMES[self.output_dtype]}"
+        )
+
+
+def _expected(spec) -> str:
+    return (
+        f"expected a Policy, a short form (one of {sorted(_SHORT_FORMS)}), a dtype name (one of "
+        f"{sorted(_DTYPES)}) or 'params=<dtype>,compute=<dtype>,output=<dtype>' in any order, got {spec!r}"
+    )
+
+
+def get_policy(spec: Policy | str) -> Policy:
+    """Parse a policy from its string form; a Policy is returned as is.
+
+    Accepted strings (case and spaces ignored): a short form ``fp32``, ``bf16``, ``fp16``,
+    ``mixed_fp16`` (params fp32, compute fp16, output fp32) or ``mixed_bf16``; a single dtype name
+    for all three; or ``params=float32,compute=bfloat16,output=float32`` (keys in any order, also
+    ``p``/``c``/``o``; a key left out means float32). Dtype names: float32/fp32/f32,
+    float16/fp16/f16/half, bfloat16/bf16, float64/fp64/f64.
+
+    Args:
+        spec: a Policy or a string as above.
+
+    Returns:
+        The Policy.
+
+    Example:
+        >>> get_policy("mixed_bf16") == get_policy("compute=bf16,params=fp32,output=f32")
+        True
+    """
+    if isinstance(spec, Policy):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"get_policy: {_expected(spec)} (of type {type(spec).__name__}).")
+    text = spec.replace(" ", "").lower()
+    if text in _SHORT_FORMS:
+        return Policy(*_SHORT_FORMS[text])
+    if text in _DTYPES:
+        return Policy(*(_DTYPES[text],) * 3)
+    if "=" not in text:
+        raise ValueError(f"get_policy: {_expected(spec)}.")
+    chosen: dict[str, torch.dtype] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or key not in _KEYS or value not in _DTYPES:
+            raise ValueError(f"get_policy: cannot read {part!r}; {_expected(spec)}.")
+        if _KEYS[key] in chosen:
+            raise ValueError(f"get_policy: {key!r} given twice; {_expected(spec)}.")
+        chosen[_KEYS[key]] = _DTYPES[value]
+    return Policy(**{name: chosen.get(name, torch.float32) for name in ("param_dtype", "compute_dtype", "output_dtype")})
+
+
+def _device_type(params: PyTree) -> str:
+    for leaf in tree_leaves(params):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            return leaf.device.type
+    return "cpu"
+
+
+def with_policy(
+    fn: Callable[..., Any],
+    policy: Policy | str,
+    *,
+    mode: str = "cast",
+    cast_inputs: bool = True,
+    device_type: str | None = None,
+) -> Callable[..., Any]:
+    """``fn(params, *args, **kwargs)`` run at the policy's compute precision.
+
+    mode="cast": params, and with ``cast_inputs`` the floating tensors among ``args`` and
+    ``kwargs`` too, are cast to ``compute_dtype`` and ``fn`` runs on them, so every op computes in
+    that dtype (integer tokens and non-tensor arguments pass through). A 0/1 loss mask survives the
+    cast exactly; pass ``cast_inputs=False`` for float inputs that must keep their precision.
+    mode="autocast": params are kept at ``param_dtype`` and ``fn`` runs under
+    ``torch.autocast(device_type, dtype=compute_dtype)``, which lowers only autocast's listed ops
+    and keeps e.g. layer norm in float32; a float32 or float64 compute dtype disables autocast.
+    In both modes the floating outputs are cast to ``output_dtype``. Gradients with respect to
+    ``params`` come back in the params' own dtype, because the cast happens inside the function.
+
+    Args:
+        fn: a function whose first argument is the params pytree; it returns a tensor or a pytree
+            of tensors (e.g. ``(loss_sum, count)``).
+        policy: a Policy or a string for :func:`get_policy`.
+        mode: "cast" or "autocast".
+        cast_inputs: in cast mode, also cast floating tensors in ``args`` and ``kwargs``.
+        device_type: for autocast; by default the device type of the first floating param.
+
+    Returns:
+        The wrapped function, with the same signature.
+
+    Example:
+        >>> f = with_policy(lambda p, x: (p["w"] * x).sum(), "mixed_bf16")
+        >>> torch.func.grad(f)({"w": torch.ones(3)}, torch.ones(3))["w"].dtype
+        torch.float32
+    """
+    policy = get_policy(policy)
+    if mode not in ("cast", "autocast"):
+        raise ValueError(f"with_policy: mode must be 'cast' or 'autocast', got {mode!r}.")
+    lowered = policy.compute_dtype in (torch.float16, torch.bfloat16)
+
+    @functools.wraps(fn)
+    def wrapped(params, *args, **kwargs):
+        if mode == "cast":
+            if cast_inputs:
+                args, kwargs = policy.cast_to_compute((args, kwargs))
+            out = fn(policy.cast_to_compute(params), *args, **kwargs)
+        else:
+            params = policy.cast_to_param(params)
+            kind = device_type or _device_type(params)
+            with torch.autocast(device_type=kind, dtype=policy.compute_dtype, enabled=lowered):
+                out = fn(params, *args, **kwargs)
+        return policy.cast_to_output(out)
+
+    return wrapped
+
+
+def tolerance(dtype: torch.dtype, *, factor: float) -> float:
+    """``factor`` times the machine epsilon of ``dtype``: a relative tolerance.
+
+    Args:
+        dtype: the compute dtype of the reduced-precision run.
+        factor: how many epsilons to allow (see LOSS_TOLERANCE_FACTOR, GRAD_TOLERANCE_FACTOR).
+
+    Returns:
+        A Python float.
+
+    Example:
+        >>> tolerance(torch.bfloat16, factor=8)
+        0.0625
+    """
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"tolerance: dtype must be a floating torch.dtype, got {dtype!r}.")
+    if not factor > 0:
+        raise ValueError(f"tolerance: factor must be > 0, got {factor!r}.")
+    return float(factor) * torch.finfo(dtype).eps
+
+
+def relative_error(actual: PyTree, expected: PyTree) -> float:
+    """The relative L2 error ``||actual - expected|| / ||expected||`` over all floating leaves.
+
+    Computed in float64 so that the measuring adds no error of its own; the trees must have the
+    same structure. Reads the result back to the host (meant for tests and reports).
+
+    Example:
+        >>> relative_error(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.5]))  # doctest: +ELLIPSIS
+        0.1062...
+    """
+    diff = tree_map(lambda a, e: (a.double() - e.double()).square().sum() if e.is_floating_point() else None,
+                    actual, expected)
+    ref = tree_map(lambda e: e.double().square().sum() if e.is_floating_point() else None, expected)
+    num = sum((d for d in tree_leaves(diff)), torch.zeros((), dtype=torch.float64))
+    den = sum((r for r in tree_leaves(ref)), torch.zeros((), dtype=torch.float64))
+    if den == 0:
+        return 0.0 if num == 0 else float("inf")
+    return float((num / den).sqrt())
