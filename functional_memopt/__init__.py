@@ -78,6 +78,10 @@ from ._gpt2 import config_from_gpt2_config as config_from_gpt2_config
 from ._gpt2 import gpt2_config_from_config as gpt2_config_from_config
 from ._gpt2 import gpt2_state_dict_from_params as gpt2_state_dict_from_params
 from ._gpt2 import params_from_gpt2_state_dict as params_from_gpt2_state_dict
+from ._checkpoint import save_checkpoint as save_checkpoint
+from ._checkpoint import load_checkpoint as load_checkpoint
+from ._checkpoint import checkpoint_info as checkpoint_info
+from ._sample import generate as generate
 
 __all__ = [
     "__version__",
@@ -93,6 +97,7 @@ __all__ = [
     "chain",
     "check_params",
     "checkpoint",
+    "checkpoint_info",
     "clip_by_global_norm",
     "config_from_gpt2_config",
     "constant_schedule",
@@ -103,6 +108,7 @@ __all__ = [
     "DynamicLossScale",
     "EmptyState",
     "encode",
+    "generate",
     "get_config",
     "get_policy",
     "gpt2_config_from_config",
@@ -112,6 +118,7 @@ __all__ = [
     "init_params",
     "init_train_state",
     "linear_warmup",
+    "load_checkpoint",
     "load_corpus",
     "load_gpt2",
     "load_params",
@@ -130,6 +137,7 @@ __all__ = [
     "PRESETS",
     "remat_layers",
     "sample_batch",
+    "save_checkpoint",
     "save_gpt2",
     "save_params",
     "ScaleByAdamState",

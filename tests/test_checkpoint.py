@@ -1,0 +1,249 @@
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+import functional_memopt as fm
+from functional_memopt import _checkpoint
+from functional_memopt._checkpoint import (
+    STATE_JSON,
+    checkpoint_info,
+    load_checkpoint,
+    load_checkpoint_params,
+    named_leaves,
+    save_checkpoint,
+)
+from functional_memopt._loss_scale import dynamic_loss_scale, no_op_loss_scale, static_loss_scale
+from functional_memopt._optim import adamw, chain, clip_by_global_norm, decay_mask, sgd
+from functional_memopt._schedules import warmup_cosine
+from functional_memopt._train import init_train_state, make_train_step
+from functional_memopt.testing import assert_trees_equal
+
+CFG = fm.ModelConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16)
+DATA = torch.randint(0, 32, (400,), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Models this small run fastest on one thread (and do not fight other processes for cores).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def optimizer(n_steps):
+    return adamw(warmup_cosine(3e-3, 2, n_steps, final=3e-4), weight_decay=0.1, mask=decay_mask)
+
+
+def fresh_state(cfg, policy, n_steps, seed=0):
+    # growth_interval 2 makes the loss scale move within a few steps, so its state matters.
+    ls = dynamic_loss_scale(2.0**10, growth_interval=2)
+    return init_train_state(fm.init_params(cfg, seed=seed), optimizer(n_steps), loss_scale=ls, policy=policy)
+
+
+def run(step, state, start, stop):
+    for i in range(start, stop):
+        state, _ = step(state, fm.sample_batch(DATA, 4, 8, seed=1, index=i))
+    return state
+
+
+@given(st.integers(4, 6).flatmap(lambda n: st.tuples(st.just(n), st.integers(1, n - 1))),
+       st.sampled_from(["fp32", "mixed_bf16"]))
+def test_n_steps_straight_equal_k_steps_then_save_load_then_the_rest_bitwise(tmp_path_factory, n_k, policy):
+    n, k = n_k
+    run_dir = tmp_path_factory.mktemp("ckpt")
+    step = make_train_step(CFG, optimizer(n), policy=policy, accum_steps=2, max_grad_norm=1.0)
+    straight = run(step, fresh_state(CFG, policy, n), 0, n)
+
+    first = run(step, fresh_state(CFG, policy, n), 0, k)
+    save_checkpoint(run_dir, first, cfg=CFG, meta={"batch_index": k})
+    like = fresh_state(CFG, policy, n, seed=123)  # other values, same structure
+    loaded, meta = load_checkpoint(run_dir, like, cfg=CFG)
+    assert_trees_equal(loaded, first)
+    resumed = run(step, loaded, meta["batch_index"], n)
+
+    assert_trees_equal(resumed.params, straight.params)
+    assert_trees_equal(resumed.opt_state, straight.opt_state)
+    assert_trees_equal(resumed.loss_scale, straight.loss_scale)
+    assert_trees_equal(resumed, straight)
+    assert int(resumed.step) == n
+
+
+STATE_TYPES = {
+    "adamw+dynamic": lambda p: init_train_state(
+        p, adamw(1e-3), loss_scale=dynamic_loss_scale(2.0**5, growth_factor=3.0, backoff_factor=0.25,
+                                                      growth_interval=7, min_loss_scale=0.5)),
+    "chain+static": lambda p: init_train_state(
+        p, chain(clip_by_global_norm(1.0), adamw(1e-3)), loss_scale=static_loss_scale(128.0)),
+    "sgd-momentum+noop": lambda p: init_train_state(p, sgd(0.1, momentum=0.9), loss_scale=no_op_loss_scale()),
+    "sgd-plain": lambda p: init_train_state(p, sgd(0.1)),
+    "bf16-params": lambda p: init_train_state(p, adamw(1e-3), policy="bf16"),
+}
+
+
+def perturbed(state, seed):
+    """Every leaf given a non-default value (counts, scales and moments all differ from init)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def change(x):
+        if x.is_floating_point():
+            return (x.float() + torch.rand(x.shape, generator=g) + 0.5).to(x.dtype)
+        return x + torch.randint(1, 100, x.shape, generator=g).to(x.dtype)
+
+    return fm.tree_map(change, state)
+
+
+@pytest.mark.parametrize("kind", sorted(STATE_TYPES))
+def test_every_state_type_round_trips_with_non_default_values(tmp_path, kind):
+    state = perturbed(STATE_TYPES[kind](fm.init_params(CFG, seed=0)), seed=1)
+    save_checkpoint(tmp_path, state, cfg=CFG, meta={"note": kind})
+    loaded, meta = load_checkpoint(tmp_path, STATE_TYPES[kind](fm.init_params(CFG, seed=5)))
+    assert type(loaded) is type(state) and type(loaded.loss_scale) is type(state.loss_scale)
+    assert_trees_equal(loaded, state)
+    assert meta == {"note": kind}
+
+
+def test_the_checkpoint_holds_every_leaf_by_name_and_the_record_fields(tmp_path):
+    state = STATE_TYPES["adamw+dynamic"](fm.init_params(CFG))
+    save_checkpoint(tmp_path, state, cfg=CFG, meta={"batch_index": 3})
+    info = checkpoint_info(tmp_path)
+    tensors = load_file(tmp_path / info["tensors"])
+    assert set(tensors) == set(named_leaves(state)) == set(info["leaves"])
+    assert {"step", "params.wte", "opt_state.mu.wte", "loss_scale.min_loss_scale"} <= set(tensors)
+    assert tensors["loss_scale.growth_factor"].dtype == torch.float64
+    assert info["config"] == CFG.to_dict() and info["format_version"] == 1 and info["library_version"]
+    assert "torch" in info["rng"] and info["meta"] == {"batch_index": 3}
+
+
+def test_load_restores_the_rng_state_when_asked(tmp_path):
+    state = STATE_TYPES["sgd-plain"](fm.init_params(CFG))
+    torch.manual_seed(7)
+    save_checkpoint(tmp_path, state, cfg=CFG)
+    expected = torch.rand(3)
+    torch.manual_seed(8)
+    load_checkpoint(tmp_path, state, restore_rng=True)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_new_checkpoint_replaces_the_old_and_leaves_one_tensor_file(tmp_path):
+    make = STATE_TYPES["adamw+dynamic"]
+    save_checkpoint(tmp_path, make(fm.init_params(CFG, seed=0)), cfg=CFG, meta={"n": 1})
+    newer = perturbed(make(fm.init_params(CFG, seed=0)), seed=2)
+    save_checkpoint(tmp_path, newer, cfg=CFG, meta={"n": 2})
+    loaded, meta = load_checkpoint(tmp_path, newer)
+    assert meta == {"n": 2}
+    assert_trees_equal(loaded, newer)
+    tensor_files = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
+    assert tensor_files == [checkpoint_info(tmp_path)["tensors"]]
+
+
+def test_a_crash_before_the_json_is_written_leaves_the_previous_checkpoint_complete(tmp_path, monkeypatch):
+    make = STATE_TYPES["adamw+dynamic"]
+    old = make(fm.init_params(CFG, seed=0))
+    save_checkpoint(tmp_path, old, cfg=CFG, meta={"n": 1})
+
+    def crash(path, record):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(_checkpoint, "_write_json", crash)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, perturbed(old, seed=3), cfg=CFG, meta={"n": 2})
+    monkeypatch.undo()
+    loaded, meta = load_checkpoint(tmp_path, old)
+    assert meta == {"n": 1}
+    assert_trees_equal(loaded, old)
+
+
+def test_a_checkpoint_of_another_config_is_refused_listing_the_mismatched_keys(tmp_path):
+    save_checkpoint(tmp_path, STATE_TYPES["sgd-plain"](fm.init_params(CFG)), cfg=CFG)
+    other = fm.ModelConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=24)
+    like = STATE_TYPES["sgd-plain"](fm.init_params(other))
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(tmp_path, like)
+    assert "missing keys [params.h.1." in str(err.value)
+    assert "params.h.0.ln_1.weight: checkpoint float32[16], expected float32[24]" in str(err.value)
+    with pytest.raises(ValueError, match="n_layer: checkpoint 1, expected 2"):
+        load_checkpoint(tmp_path, like, cfg=other)
+
+
+def test_a_checkpoint_of_another_optimizer_or_policy_is_refused(tmp_path):
+    save_checkpoint(tmp_path, STATE_TYPES["sgd-plain"](fm.init_params(CFG)), cfg=CFG)
+    with pytest.raises(ValueError, match=r"missing keys \[opt_state\.mu\."):
+        load_checkpoint(tmp_path, STATE_TYPES["adamw+dynamic"](fm.init_params(CFG)))
+    save_checkpoint(tmp_path, STATE_TYPES["bf16-params"](fm.init_params(CFG)), cfg=CFG)
+    with pytest.raises(ValueError, match="checkpoint bfloat16.*expected float32"):
+        load_checkpoint(tmp_path, init_train_state(fm.init_params(CFG), adamw(1e-3)))
+
+
+def test_missing_files_are_reported_by_name(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        load_checkpoint(tmp_path, STATE_TYPES["sgd-plain"](fm.init_params(CFG)))
+    with pytest.raises(FileNotFoundError, match="no directory"):
+        load_checkpoint(tmp_path / "nope", STATE_TYPES["sgd-plain"](fm.init_params(CFG)))
+    state = STATE_TYPES["sgd-plain"](fm.init_params(CFG))
+    save_checkpoint(tmp_path, state, cfg=CFG)
+    os.unlink(tmp_path / checkpoint_info(tmp_path)["tensors"])
+    with pytest.raises(FileNotFoundError, match="no file at"):
+        load_checkpoint(tmp_path, state)
+
+
+def test_a_truncated_tensor_file_or_garbled_json_is_reported_as_corrupted(tmp_path):
+    state = STATE_TYPES["sgd-plain"](fm.init_params(CFG))
+    save_checkpoint(tmp_path, state, cfg=CFG)
+    path = tmp_path / checkpoint_info(tmp_path)["tensors"]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        load_checkpoint(tmp_path, state)
+    (tmp_path / STATE_JSON).write_text('{"format": "functional_memopt.checkpoint", ')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_checkpoint(tmp_path, state)
+
+
+def test_non_finite_values_are_named_on_load_and_refused_on_save(tmp_path):
+    state = STATE_TYPES["adamw+dynamic"](fm.init_params(CFG))
+    save_checkpoint(tmp_path, state, cfg=CFG)
+    info = checkpoint_info(tmp_path)
+    path = tmp_path / info["tensors"]
+    tensors = load_file(path)
+    tensors["opt_state.nu.wpe"][0, 0] = float("nan")
+    save_file(tensors, path, metadata={"functional_memopt.checkpoint_id": info["id"]})
+    with pytest.raises(ValueError, match=r"inf or nan values in \['opt_state.nu.wpe'\]"):
+        load_checkpoint(tmp_path, state)
+    save_checkpoint(tmp_path, state, cfg=CFG)
+    bad = state._replace(params={**state.params, "wte": state.params["wte"] * float("inf")})
+    with pytest.raises(ValueError, match=r"inf or nan values in \['params.wte'\]"):
+        save_checkpoint(tmp_path, bad, cfg=CFG)
+    load_checkpoint(tmp_path, state)  # the refused save left the good checkpoint in place
+
+
+def test_a_tensor_file_of_another_checkpoint_is_refused(tmp_path):
+    state = STATE_TYPES["sgd-plain"](fm.init_params(CFG))
+    save_checkpoint(tmp_path, state, cfg=CFG)
+    record = json.loads((tmp_path / STATE_JSON).read_text())
+    record["id"] = "0" * 16
+    (tmp_path / STATE_JSON).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="checkpoint ids differ"):
+        load_checkpoint(tmp_path, state)
+
+
+def test_load_checkpoint_params_gives_the_float32_params_and_config(tmp_path):
+    state = perturbed(STATE_TYPES["adamw+dynamic"](fm.init_params(CFG)), seed=4)
+    save_checkpoint(tmp_path, state, cfg=CFG)
+    params, cfg = load_checkpoint_params(tmp_path)
+    assert cfg == CFG
+    assert_trees_equal(params, state.params)
+
+
+def test_save_checkpoint_refuses_a_missing_folder_and_unserialisable_meta(tmp_path):
+    state = STATE_TYPES["sgd-plain"](fm.init_params(CFG))
+    with pytest.raises(ValueError, match="not a directory"):
+        save_checkpoint(tmp_path / "missing", state, cfg=CFG)
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        save_checkpoint(tmp_path, state, cfg=CFG, meta={"x": object()})
+    assert os.listdir(tmp_path) == []
