@@ -20,7 +20,7 @@ cfg = fm.ModelConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=
 data = fm.load_corpus()  # Python's own reference documentation, shipped with every Python
 train, val = fm.train_val_split(data)
 
-steps, batch_size, accum = 60, 16, 4
+steps, batch_size, accum = 60, 8, 2
 optimizer = fm.chain(
     fm.clip_by_global_norm(1.0),
     fm.adamw(fm.warmup_cosine(3e-3, 10, steps, final=3e-4), weight_decay=0.1, mask=fm.decay_mask),

@@ -43,6 +43,11 @@ from ._grad import value_and_grad as value_and_grad
 from ._precision import Policy as Policy
 from ._precision import get_policy as get_policy
 from ._precision import with_policy as with_policy
+from ._precision import tolerance as tolerance
+from ._precision import relative_error as relative_error
+from ._precision import LOSS_TOLERANCE_FACTOR as LOSS_TOLERANCE_FACTOR
+from ._precision import GRAD_TOLERANCE_FACTOR as GRAD_TOLERANCE_FACTOR
+from ._loss_scale import LossScale as LossScale
 from ._loss_scale import NoOpLossScale as NoOpLossScale
 from ._loss_scale import StaticLossScale as StaticLossScale
 from ._loss_scale import DynamicLossScale as DynamicLossScale
@@ -113,6 +118,7 @@ __all__ = [
     "get_policy",
     "gpt2_config_from_config",
     "gpt2_state_dict_from_params",
+    "GRAD_TOLERANCE_FACTOR",
     "GradientTransformation",
     "IGNORE_INDEX",
     "init_params",
@@ -123,6 +129,8 @@ __all__ = [
     "load_gpt2",
     "load_params",
     "loss_fn",
+    "LOSS_TOLERANCE_FACTOR",
+    "LossScale",
     "make_loss_fn",
     "make_train_step",
     "ModelConfig",
@@ -135,6 +143,7 @@ __all__ = [
     "Policy",
     "positions_from_segments",
     "PRESETS",
+    "relative_error",
     "remat_layers",
     "sample_batch",
     "save_checkpoint",
@@ -146,6 +155,7 @@ __all__ = [
     "split_microbatches",
     "static_loss_scale",
     "StaticLossScale",
+    "tolerance",
     "train_val_split",
     "TrainState",
     "tree_add",

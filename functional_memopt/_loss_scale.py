@@ -119,6 +119,8 @@ class DynamicLossScale(NamedTuple):
     GradScaler has no floor, so with ``min_loss_scale=0`` this follows GradScaler for any sequence
     of finite and non-finite steps; with the default floor 1.0 it follows GradScaler as long as
     GradScaler's own scale stays >= 1 (below 1 a scale only makes fp16 underflow worse).
+    GradScaler tests the scaled gradients for inf/nan; with a scale >= 1 testing the unscaled ones
+    gives the same answer (multiplying by 1/scale <= 1 neither makes nor removes an inf).
 
     Build one with :func:`dynamic_loss_scale`, which validates the hyper-parameters. They are
     tensors too, so the whole state can be saved, broadcast or selected leaf by leaf.

@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 
 from functional_memopt import _tree
 from functional_memopt._loss_scale import (
-    DynamicLossScale,
     NoOpLossScale,
     StaticLossScale,
     all_finite,
