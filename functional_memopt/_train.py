@@ -28,7 +28,15 @@ from ._precision import Policy, get_policy, with_policy
 from ._remat import RematSpec
 from ._tree import tree_all_finite, tree_global_norm
 
-__all__ = ["TrainState", "init_train_state", "make_train_step", "make_loss_fn", "batch_token_count"]
+__all__ = [
+    "TrainState",
+    "init_train_state",
+    "make_train_step",
+    "make_loss_fn",
+    "batch_token_count",
+    "summarize_gradients",
+    "update_params",
+]
 
 
 class TrainState(NamedTuple):
@@ -110,6 +118,21 @@ def batch_token_count(batch) -> torch.Tensor:
     return weight.sum()
 
 
+def _no_reduction(value):
+    return value
+
+
+def summarize_gradients(grads, loss_sum: torch.Tensor, count: torch.Tensor) -> tuple:
+    """``(all_finite(grads), global_norm(grads), loss_sum, count)``: the single-process summary."""
+    return tree_all_finite(grads), tree_global_norm(grads), loss_sum, count
+
+
+def update_params(optimizer: GradientTransformation, grads, state: TrainState, *, donate: bool = False) -> tuple:
+    """``(params, opt_state)`` after one optimizer update: the single-process update."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params, donate=donate)
+    return apply_updates(state.params, updates, donate=donate), opt_state
+
+
 def make_train_step(
     cfg: ModelConfig | None,
     optimizer: GradientTransformation,
@@ -123,6 +146,7 @@ def make_train_step(
     donate: bool = False,
     engine: str = "autograd",
     policy_mode: str = "cast",
+    parallel: Any = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
     """Compose the techniques into one pure ``step(state, batch) -> (state, metrics)``.
 
@@ -144,6 +168,9 @@ def make_train_step(
             stays valid, at the cost of one more copy of params and optimizer state at peak.
         engine: gradient engine, "autograd" (default: measured faster on the CPU) or "func".
         policy_mode: "cast" (explicit casts, the default) or "autocast".
+        parallel: how the step spreads over ranks (a ``Parallelism``, e.g. ``data_parallel()``);
+            None for one process. Its hooks give the global token count, reduce the fold's sums,
+            summarize the reduced gradients and apply the update (see ``_distributed.Parallelism``).
 
     Returns:
         ``step(state, batch)``. Metrics (0-d tensors): loss (per counted token), grad_norm (of the
@@ -165,6 +192,10 @@ def make_train_step(
     policed = with_policy(loss_fn, pol, mode=policy_mode)
 
     count_tokens = count_fn or batch_token_count
+    if parallel is None:
+        global_count, reduce, summarize, update = _no_reduction, _no_reduction, summarize_gradients, update_params
+    else:
+        global_count, reduce, summarize, update = parallel.count, parallel.reduce, parallel.summarize, parallel.update
 
     def scaled_loss(params, batch, factor):
         loss_sum, count = policed(params, batch)
@@ -175,26 +206,29 @@ def make_train_step(
     def step(state: TrainState, batch) -> tuple[TrainState, dict]:
         ls = state.loss_scale
         scale = None if isinstance(ls, NoOpLossScale) else ls.loss_scale
-        total = torch.as_tensor(count_tokens(batch), dtype=torch.float64).clamp(min=1.0)
+        # The global count (over all ranks) is known before the fold, so each rank's micro-batches
+        # differentiate loss_sum * S / N_total and the reduced fold is the global-batch gradient.
+        total = global_count(torch.as_tensor(count_tokens(batch), dtype=torch.float64)).clamp(min=1.0)
         # Each micro-batch differentiates loss_sum * S / N_total: the fold then sums to S times the
         # full-batch mean-loss gradient, whatever the micro-batches' token counts.
         factor = (1.0 / total) if scale is None else scale.to(torch.float64) / total
         micro = split_microbatches(batch, accum_steps) if accum_steps > 1 else [batch]
-        acc = accumulate_gradients(lambda p, mb: grad_fn(p, mb, factor), state.params, micro)
+        # Reduced before unscaling, as the single-process fold sums scaled gradients too.
+        acc = reduce(accumulate_gradients(lambda p, mb: grad_fn(p, mb, factor), state.params, micro))
         leaves, spec = optree.tree_flatten(acc.grads)
         if scale is not None and leaves:
             # 1 / S is exact for a power-of-two S, so this multiply undoes the scaling bit for bit.
             inv = scale.double().reciprocal()
             torch._foreach_mul_(leaves, [inv.to(g.dtype) for g in leaves])
         grads = optree.tree_unflatten(spec, leaves)
-        finite = tree_all_finite(grads)
-        grad_norm = tree_global_norm(grads)
+        # Global values: every rank takes the same skip / loss-scale decision.
+        finite, grad_norm, loss_sum, count = summarize(grads, acc.loss_sum, acc.count)
         metrics = {
-            "loss": acc.loss_sum / acc.count.clamp(min=1.0),
+            "loss": loss_sum / count.clamp(min=1.0),
             "grad_norm": grad_norm,
             "loss_scale": ls.loss_scale.detach().clone(),
             "skipped": ~finite,
-            "tokens": acc.count,
+            "tokens": count,
         }
         if not bool(finite):  # one host sync per step, as GradScaler.step makes
             return state._replace(loss_scale=ls.adjust(finite)), metrics
@@ -202,8 +236,7 @@ def make_train_step(
             coef = torch.clamp(max_grad_norm / (grad_norm + 1e-6), max=1.0)
             torch._foreach_mul_(leaves, [coef.to(g.dtype) for g in leaves])
         grads = pol.cast_to_param(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, donate=donate)
-        params = apply_updates(state.params, updates, donate=donate)
+        params, opt_state = update(optimizer, grads, state, donate=donate)
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=ls.adjust(finite))
         return new, metrics
 
