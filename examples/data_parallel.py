@@ -11,24 +11,26 @@ is gathered into a checkpoint that any number of ranks (or one process) can resu
 
 import argparse
 import os
+import tempfile
 
 import functional_memopt as fm
 from functional_memopt import testing
 from functional_memopt._distributed import (
-    assert_replicas_equal,
     init_data_parallel_state,
-    init_distributed,
+    load_distributed_checkpoint,
     make_data_parallel_step,
+    save_distributed_checkpoint,
     shard_batch,
-    shutdown_distributed,
 )
 from functional_memopt._optim import adamw, decay_mask
-from functional_memopt._zero import data_parallel, load_distributed_checkpoint, save_distributed_checkpoint
+from functional_memopt._process_group import assert_replicas_equal, init_distributed, shutdown_distributed
+from functional_memopt._zero import data_parallel
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--zero-stage", type=int, default=2)
 parser.add_argument("--steps", type=int, default=20)
-parser.add_argument("--run-dir", default=os.path.join("runs", "data_parallel_example"))
+parser.add_argument("--run-dir", help="checkpoint folder, seen by every rank (default: a temporary one for a single "
+                    "process, runs/data_parallel_example under torchrun)")
 args = parser.parse_args()
 
 info = init_distributed(timeout_s=120)  # rank, world size and device from torchrun's environment
@@ -50,12 +52,15 @@ for i in range(args.steps):
 assert_replicas_equal(state.params)  # every rank holds the same params
 print(f"rank {info.rank}: optimizer state {fm.tree_bytes(state.opt_state) / 1e6:.2f} MB (ZeRO stage {args.zero_stage})")
 
+run_dir = args.run_dir or (tempfile.mkdtemp() if info.world_size == 1 else os.path.join("runs", "data_parallel_example"))
 if info.is_main:  # only rank 0 writes; the others read the folder (shared here: one machine)
-    os.makedirs(args.run_dir, exist_ok=True)
-save_distributed_checkpoint(args.run_dir, state, opt, par, cfg=cfg, meta={"next_batch": args.steps})
-resumed, meta = load_distributed_checkpoint(args.run_dir, state, opt, par, cfg=cfg)
+    os.makedirs(run_dir, exist_ok=True)
+save_distributed_checkpoint(run_dir, state, opt, par, cfg=cfg, meta={"next_batch": args.steps})
+resumed, meta = load_distributed_checkpoint(run_dir, state, opt, par, cfg=cfg)
 assert meta["next_batch"] == args.steps and int(resumed.step) == int(state.step)
 testing.assert_trees_equal(resumed, state)
 if info.is_main:
-    print(f"checkpoint in {args.run_dir} reloaded bit for bit")
+    print(f"checkpoint in {run_dir} reloaded bit for bit")
 shutdown_distributed()
+if info.is_main:
+    print("OK")

@@ -75,6 +75,8 @@ from ._train import init_train_state as init_train_state
 from ._train import make_train_step as make_train_step
 from ._train import make_loss_fn as make_loss_fn
 from ._train import batch_token_count as batch_token_count
+from ._train import summarize_gradients as summarize_gradients
+from ._train import update_params as update_params
 from ._storage import save_params as save_params
 from ._storage import load_params as load_params
 from ._gpt2 import load_gpt2 as load_gpt2
@@ -87,16 +89,38 @@ from ._checkpoint import save_checkpoint as save_checkpoint
 from ._checkpoint import load_checkpoint as load_checkpoint
 from ._checkpoint import checkpoint_info as checkpoint_info
 from ._sample import generate as generate
+from ._process_group import DistInfo as DistInfo
+from ._process_group import init_distributed as init_distributed
+from ._process_group import shutdown_distributed as shutdown_distributed
+from ._process_group import broadcast_tree as broadcast_tree
+from ._process_group import replica_checksum as replica_checksum
+from ._process_group import assert_replicas_equal as assert_replicas_equal
+from ._process_group import on_rank_0 as on_rank_0
+from ._process_group import RankFailed as RankFailed
+from ._distributed import shard_batch as shard_batch
+from ._distributed import Parallelism as Parallelism
+from ._distributed import replicated as replicated
+from ._distributed import all_reduce_accumulated as all_reduce_accumulated
+from ._distributed import init_data_parallel_state as init_data_parallel_state
+from ._distributed import make_data_parallel_step as make_data_parallel_step
+from ._distributed import save_distributed_checkpoint as save_distributed_checkpoint
+from ._distributed import load_distributed_checkpoint as load_distributed_checkpoint
+from ._zero import data_parallel as data_parallel
+from ._zero import FlatLayout as FlatLayout
+from ._zero import flat_layout as flat_layout
 
 __all__ = [
     "__version__",
     "accumulate_gradients",
     "adamw",
     "all_finite",
+    "all_reduce_accumulated",
     "apply",
     "apply_updates",
+    "assert_replicas_equal",
     "Batch",
     "batch_token_count",
+    "broadcast_tree",
     "build_attention_mask",
     "causal_attention",
     "chain",
@@ -107,12 +131,16 @@ __all__ = [
     "config_from_gpt2_config",
     "constant_schedule",
     "cosine_decay",
+    "data_parallel",
     "decay_mask",
     "decode",
+    "DistInfo",
     "dynamic_loss_scale",
     "DynamicLossScale",
     "EmptyState",
     "encode",
+    "flat_layout",
+    "FlatLayout",
     "generate",
     "get_config",
     "get_policy",
@@ -121,40 +149,53 @@ __all__ = [
     "GRAD_TOLERANCE_FACTOR",
     "GradientTransformation",
     "IGNORE_INDEX",
+    "init_data_parallel_state",
+    "init_distributed",
     "init_params",
     "init_train_state",
     "linear_warmup",
     "load_checkpoint",
     "load_corpus",
+    "load_distributed_checkpoint",
     "load_gpt2",
     "load_params",
     "loss_fn",
     "LOSS_TOLERANCE_FACTOR",
     "LossScale",
+    "make_data_parallel_step",
     "make_loss_fn",
     "make_train_step",
     "ModelConfig",
     "no_op_loss_scale",
     "NoOpLossScale",
+    "on_rank_0",
     "pack_documents",
     "pad_sequences",
+    "Parallelism",
     "param_shapes",
     "params_from_gpt2_state_dict",
     "Policy",
     "positions_from_segments",
     "PRESETS",
+    "RankFailed",
     "relative_error",
     "remat_layers",
+    "replica_checksum",
+    "replicated",
     "sample_batch",
     "save_checkpoint",
+    "save_distributed_checkpoint",
     "save_gpt2",
     "save_params",
     "ScaleByAdamState",
     "sgd",
     "SgdState",
+    "shard_batch",
+    "shutdown_distributed",
     "split_microbatches",
     "static_loss_scale",
     "StaticLossScale",
+    "summarize_gradients",
     "tolerance",
     "train_val_split",
     "TrainState",
@@ -170,6 +211,7 @@ __all__ = [
     "tree_sub",
     "tree_unflatten_from_paths",
     "tree_zeros_like",
+    "update_params",
     "value_and_grad",
     "warmup_cosine",
     "with_policy",

@@ -1,4 +1,4 @@
-"""Data parallel training on torch.distributed: process groups, batch shards, one gradient all-reduce.
+"""Data parallel training on torch.distributed: batch shards, one gradient all-reduce, checkpoints.
 
 Every rank holds the params, folds its own rows of the global batch into a float32 accumulator,
 and once per optimizer step the accumulated gradients (with the loss sum and token count) go
@@ -14,17 +14,18 @@ gradient of the global mean loss whatever the ranks' token counts (ragged masks 
 non-finite check and loss-scale decision see the reduced gradients: all ranks skip or step together.
 
 How a step is spread over ranks is a :class:`Parallelism`, a NamedTuple of pure functions: the
-hooks a step calls (``count``, ``reduce``, ``summarize``, ``update``) and how its state is laid
-out (``init``, ``gather``, ``shard``). :func:`replicated` is plain data parallelism (ZeRO stage 0);
-``functional_memopt._zero`` adds optimizer-state (stage 1) and gradient (stage 2) sharding.
+hooks that ``make_train_step(parallel=...)`` calls (``count``, ``reduce``, ``summarize``,
+``update``) and how its state is laid out (``init``, ``gather``, ``shard``). :func:`replicated` is
+plain data parallelism (ZeRO stage 0); ``functional_memopt._zero.data_parallel`` adds
+optimizer-state (stage 1) and gradient (stage 2) sharding. Checkpoints are written and read in the
+single-process layout, so a run resumes on any number of ranks, any stage, or in one process.
 
-A process group is made by :func:`init_distributed` from torchrun's environment; without one
-(``WORLD_SIZE`` unset) everything here runs as a single process.
+The process group comes from ``functional_memopt._process_group.init_distributed``; without one
+everything here runs as a single process.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
 from typing import Any, Callable, NamedTuple
 
@@ -32,120 +33,18 @@ import optree
 import torch
 import torch.distributed as dist
 
-from ._accumulate import Accumulated, accumulate_gradients
-from ._data import split_microbatches
-from ._grad import value_and_grad
-from ._loss_scale import NoOpLossScale
-from ._optim import GradientTransformation, apply_updates
-from ._precision import get_policy, with_policy
-from ._train import TrainState, batch_token_count, init_train_state, make_loss_fn
-from ._tree import tree_all_finite, tree_global_norm
+from ._accumulate import Accumulated
+from ._checkpoint import STATE_JSON, load_checkpoint, save_checkpoint
+from ._optim import GradientTransformation
+from ._process_group import assert_replicas_equal, broadcast_tree, collective, global_rank, on_rank_0, world
+from ._train import init_train_state, make_train_step, summarize_gradients, update_params
 
 __all__ = [
-    "DistInfo", "init_distributed", "shutdown_distributed", "world", "shard_batch", "Parallelism",
-    "replicated", "all_reduce_accumulated", "broadcast_tree", "replica_checksum", "assert_replicas_equal",
-    "init_data_parallel_state", "make_data_parallel_step",
+    "shard_batch", "Parallelism", "replicated", "all_reduce_accumulated", "init_data_parallel_state",
+    "make_data_parallel_step", "save_distributed_checkpoint", "load_distributed_checkpoint",
 ]
 
 PyTree = Any
-_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-# torch 2.13 renamed the tensor collectives (the old names warn); older torch has only the old names.
-_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-class DistInfo(NamedTuple):
-    """Where this process stands in the job."""
-
-    rank: int  # global rank, 0 .. world_size - 1
-    world_size: int  # processes in the job (1 without a process group)
-    local_rank: int  # rank on this machine (picks the GPU)
-    device: torch.device  # cuda:<local_rank> under NCCL, else cpu
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the one that logs and writes files."""
-        return self.rank == 0
-
-
-def init_distributed(*, backend: str | None = None, timeout_s: float = 600.0) -> DistInfo:
-    """Join the process group described by torchrun's environment (single process without one).
-
-    Reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. NCCL is chosen when CUDA is
-    available (each rank then owns ``cuda:<LOCAL_RANK>``), gloo otherwise. ``timeout_s`` bounds the
-    rendezvous (a rank that never joins makes the others fail, not wait) and every collective (gloo
-    raises; NCCL's watchdog aborts the process). Calling it again returns the same answer.
-
-    Args:
-        backend: "nccl" or "gloo"; None chooses as above.
-        timeout_s: seconds before a missing rank or a stuck collective is an error.
-
-    Returns:
-        DistInfo(rank, world_size, local_rank, device).
-
-    Example:
-        >>> info = init_distributed()  # python train.py: DistInfo(rank=0, world_size=1, ...)
-        >>> info.world_size
-        1
-    """
-    if not timeout_s > 0:
-        raise ValueError(f"init_distributed: timeout_s must be > 0 seconds, got {timeout_s!r}.")
-    if dist.is_available() and dist.is_initialized():
-        return _info(backend=dist.get_backend())
-    if "WORLD_SIZE" not in os.environ:
-        return DistInfo(0, 1, 0, torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
-    missing = [k for k in _ENV if k not in os.environ]
-    if missing:
-        raise ValueError(
-            f"init_distributed: WORLD_SIZE is set but {missing} are not; launch with torchrun "
-            "(e.g. `torchrun --nproc_per_node=2 -m functional_memopt.cli train ...`), which sets them all."
-        )
-    if not dist.is_available():
-        raise RuntimeError("init_distributed: this torch build has no torch.distributed; install a build with it.")
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend not in ("nccl", "gloo"):
-        raise ValueError(f"init_distributed: backend must be 'nccl' or 'gloo', got {backend!r}.")
-    rank, size, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    kwargs: dict = {}
-    if backend == "nccl":
-        if local >= torch.cuda.device_count():
-            raise ValueError(
-                f"init_distributed: LOCAL_RANK {local} needs GPU {local}, but this machine has "
-                f"{torch.cuda.device_count()}; start at most that many processes per node."
-            )
-        torch.cuda.set_device(local)
-        kwargs["device_id"] = torch.device("cuda", local)  # connects now, so a bad setup fails here
-    try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-    except RuntimeError as err:  # DistStoreError, DistNetworkError, ... are RuntimeErrors
-        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-        raise RuntimeError(
-            f"init_distributed: rank {rank} of {size} could not join the process group at {where} within "
-            f"{timeout_s:g} s ({err}). Check that all {size} ranks were started, that MASTER_ADDR and "
-            "MASTER_PORT reach rank 0's machine, and that the port is free."
-        ) from err
-    return _info(backend=backend)
-
-
-def _info(*, backend: str) -> DistInfo:
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if backend == "nccl" else torch.device("cpu")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local, device)
-
-
-def shutdown_distributed() -> None:
-    """Leave the process group, if any (call once at the end of a run)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def world(group=None) -> tuple[int, int]:
-    """``(rank, world_size)`` in ``group`` (the default group); ``(0, 1)`` without a process group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        if group is not None:
-            raise ValueError("world: a group was given but no process group exists; call init_distributed() first.")
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def shard_batch(batch, rank: int, world_size: int):
@@ -156,7 +55,7 @@ def shard_batch(batch, rank: int, world_size: int):
 
     Args:
         batch: a NamedTuple (e.g. Batch) of (B, ...) tensors or None.
-        rank, world_size: from :func:`init_distributed`.
+        rank, world_size: from ``init_distributed``.
 
     Returns:
         A batch of the same type with rows ``tensor_split(B, world_size)[rank]``.
@@ -178,18 +77,6 @@ def shard_batch(batch, rank: int, world_size: int):
             "one row, so raise the batch size to a multiple of the world size."
         )
     return type(batch)(*(None if x is None else torch.tensor_split(x, world_size)[rank] for x in batch))
-
-
-def collective(caller: str, what: str, fn: Callable, *args, **kwargs):
-    """Run one collective; a dead or stuck peer becomes an error naming this rank and the step."""
-    try:
-        return fn(*args, **kwargs)
-    except RuntimeError as err:
-        rank, size = world(kwargs.get("group"))
-        raise RuntimeError(
-            f"{caller}: {what} failed on rank {rank} of {size} ({err}). Another rank probably died, was "
-            "stopped or is stuck (the collective timeout is init_distributed's timeout_s); see its log."
-        ) from err
 
 
 class Parallelism(NamedTuple):
@@ -219,7 +106,7 @@ class Parallelism(NamedTuple):
     group: Any  # the torch.distributed process group (None: the default one)
 
 
-def _all_reduce_count(group, caller: str) -> Callable:
+def all_reduce_count(group, caller: str) -> Callable:
     def count(tokens: torch.Tensor) -> torch.Tensor:
         if world(group)[1] == 1:
             return tokens
@@ -285,16 +172,6 @@ def all_reduce_accumulated(acc: Accumulated, *, group=None, bucket_mb: float | N
     return Accumulated(optree.tree_unflatten(spec, leaves), extra[0].to(loss_dtype), extra[1].to(count_dtype))
 
 
-# TRANSITIONAL: _train.summarize_gradients and _train.update_params once the patch is in.
-def _summarize_replicated(grads, loss_sum, count):
-    return tree_all_finite(grads), tree_global_norm(grads), loss_sum, count
-
-
-def _update_replicated(optimizer, grads, state, *, donate=False):
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params, donate=donate)
-    return apply_updates(state.params, updates, donate=donate), opt_state
-
-
 def replicated(*, group=None, bucket_mb: float | None = 64.0) -> Parallelism:
     """Plain data parallelism (ZeRO stage 0): params and optimizer state on every rank.
 
@@ -322,75 +199,8 @@ def replicated(*, group=None, bucket_mb: float | None = 64.0) -> Parallelism:
     def shard(full_state, optimizer):
         return full_state
 
-    return Parallelism(_all_reduce_count(group, caller), reduce, _summarize_replicated, _update_replicated,
+    return Parallelism(all_reduce_count(group, caller), reduce, summarize_gradients, update_params,
                        init, gather, shard, 0, group)
-
-
-def broadcast_tree(tree: PyTree, *, src: int = 0, group=None) -> PyTree:
-    """A copy of rank ``src``'s ``tree`` on every rank (one broadcast per dtype); pure.
-
-    Every rank passes a tree of the same structure, shapes and dtypes (e.g. params made from the
-    same config); only the values of ``src`` matter.
-    """
-    rank, size = world(group)
-    if size == 1:
-        return tree
-    leaves, spec = optree.tree_flatten(tree)
-    out = list(leaves)
-    for dtype in sorted({x.dtype for x in leaves}, key=str):
-        idx = [i for i, x in enumerate(leaves) if x.dtype == dtype]
-        flat = torch.cat([leaves[i].reshape(-1) for i in idx])
-        collective("broadcast_tree", "the broadcast", dist.broadcast, flat, src=_global(src, group), group=group)
-        for i, v in zip(idx, flat.split([leaves[i].numel() for i in idx])):
-            out[i] = v.view(leaves[i].shape)
-    return optree.tree_unflatten(spec, out)
-
-
-def _global(rank: int, group) -> int:
-    return rank if group is None else dist.get_global_rank(group, rank)
-
-
-def replica_checksum(tree: PyTree) -> torch.Tensor:
-    """A (2,) int64 checksum of the bits of every tensor leaf: equal trees give equal sums.
-
-    Sums the leaves' bit patterns as integers, plainly and weighted by position, so a changed bit
-    or two swapped values change it; wrapping int64 arithmetic keeps it exact and deterministic.
-    """
-    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    total = torch.zeros(2, dtype=torch.int64)
-    for x in optree.tree_leaves(tree):
-        if not isinstance(x, torch.Tensor) or x.numel() == 0:
-            continue
-        bits = x.detach().contiguous().reshape(-1)
-        bits = (bits.view(ints[bits.element_size()]) if bits.is_floating_point() else bits).to(torch.int64)
-        weight = torch.arange(bits.numel(), device=bits.device) % 65521 + 1
-        total += torch.stack([bits.sum(), (bits * weight).sum()]).cpu()
-    return total
-
-
-def assert_replicas_equal(tree: PyTree, *, group=None, what: str = "params") -> None:
-    """Raise on every rank if ``tree`` differs between ranks (one small all-gather of checksums).
-
-    A debugging aid: ranks of a data-parallel run must hold bit-identical params.
-
-    Raises:
-        RuntimeError: naming the ranks whose checksum differs from rank 0's.
-    """
-    rank, size = world(group)
-    if size == 1:
-        return
-    mine = replica_checksum(tree)
-    if dist.get_backend(group) == "nccl":
-        mine = mine.cuda()
-    every = torch.empty(size * 2, dtype=torch.int64, device=mine.device)
-    collective("assert_replicas_equal", "the checksum all-gather", _all_gather_tensor, every, mine, group=group)
-    every = every.view(size, 2).cpu()
-    bad = [r for r in range(size) if not torch.equal(every[r], every[0])]
-    if bad:
-        raise RuntimeError(
-            f"assert_replicas_equal: the {what} of ranks {bad} differ from rank 0's (checksums {every.tolist()}); "
-            "the ranks started from different values or a step was not the same everywhere."
-        )
 
 
 def init_data_parallel_state(params: PyTree, optimizer, parallel: Parallelism | None = None, *, loss_scale=None,
@@ -442,7 +252,7 @@ def make_data_parallel_step(cfg, optimizer, parallel: Parallelism | None = None,
         norm of the global gradient, tokens of all ranks) and equal on every rank.
     """
     parallel = parallel or replicated()
-    step = _make_step(cfg, optimizer, parallel, **step_kwargs)
+    step = make_train_step(cfg, optimizer, parallel=parallel, **step_kwargs)
     if not check_replicas:
         return step
 
@@ -454,59 +264,71 @@ def make_data_parallel_step(cfg, optimizer, parallel: Parallelism | None = None,
     return checked
 
 
-# TRANSITIONAL: make_train_step with the Parallelism hooks. Once ``make_train_step`` takes
-# ``parallel=`` (the proposed patch to _train.py), this function becomes
-# ``make_train_step(cfg, optimizer, parallel=parallel, **kwargs)`` and the copy below goes.
-def _make_step(cfg, optimizer, parallel: Parallelism, *, policy="fp32", accum_steps: int = 1, remat=None,
-               max_grad_norm: float | None = None, loss_fn=None, count_fn=None, donate: bool = False,
-               engine: str = "autograd", policy_mode: str = "cast") -> Callable:
-    pol = get_policy(policy)
-    if not isinstance(accum_steps, int) or accum_steps < 1:
-        raise ValueError(f"make_train_step: accum_steps must be an int >= 1, got {accum_steps!r}.")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"make_train_step: max_grad_norm must be > 0 or None, got {max_grad_norm!r}.")
-    if loss_fn is None:
-        if cfg is None:
-            raise ValueError("make_train_step: pass a ModelConfig or a loss_fn.")
-        loss_fn = make_loss_fn(cfg, remat=remat)
-    policed = with_policy(loss_fn, pol, mode=policy_mode)
-    count_tokens = count_fn or batch_token_count
+def save_distributed_checkpoint(run_dir, state, optimizer, parallel: Parallelism, *, cfg, meta: dict | None = None) -> str:
+    """Save a data-parallel run's state in the single-process layout; every rank calls it.
 
-    def scaled_loss(params, batch, factor):
-        loss_sum, count = policed(params, batch)
-        return loss_sum * factor.to(loss_sum.dtype), (loss_sum.detach(), count.detach())
+    The full TrainState (params, the whole optimizer state in the unsharded tree layout, loss
+    scale, step) is gathered on rank 0, which writes it with ``save_checkpoint``; the other ranks
+    wait for the outcome, so a failed write raises on every rank (``RankFailed`` off rank 0). ``load_checkpoint`` with an
+    ``init_train_state`` template reads the files in a single process, and
+    :func:`load_distributed_checkpoint` reads them into any world size and ZeRO stage.
 
-    grad_fn = value_and_grad(scaled_loss, has_aux=True, engine=engine)
+    Args:
+        run_dir: an existing folder on rank 0's machine.
+        state: this rank's TrainState.
+        optimizer: the optimizer of the run (its init gives the state's layout).
+        parallel: the run's Parallelism.
+        cfg, meta: as for ``save_checkpoint`` (meta: e.g. the next batch index).
 
-    def step(state, batch):
-        ls = state.loss_scale
-        scale = None if isinstance(ls, NoOpLossScale) else ls.loss_scale
-        local = torch.as_tensor(count_tokens(batch), dtype=torch.float64)
-        total = parallel.count(local).clamp(min=1.0)
-        factor = (1.0 / total) if scale is None else scale.to(torch.float64) / total
-        micro = split_microbatches(batch, accum_steps) if accum_steps > 1 else [batch]
-        acc = parallel.reduce(accumulate_gradients(lambda p, mb: grad_fn(p, mb, factor), state.params, micro))
-        leaves, spec = optree.tree_flatten(acc.grads)
-        if scale is not None and leaves:
-            inv = scale.double().reciprocal()
-            torch._foreach_mul_(leaves, [inv.to(g.dtype) for g in leaves])
-        grads = optree.tree_unflatten(spec, leaves)
-        finite, grad_norm, loss_sum, count = parallel.summarize(grads, acc.loss_sum, acc.count)
-        metrics = {
-            "loss": loss_sum / count.clamp(min=1.0),
-            "grad_norm": grad_norm,
-            "loss_scale": ls.loss_scale.detach().clone(),
-            "skipped": ~finite,
-            "tokens": count,
-        }
-        if not bool(finite):
-            return state._replace(loss_scale=ls.adjust(finite)), metrics
-        if max_grad_norm is not None:
-            coef = torch.clamp(max_grad_norm / (grad_norm + 1e-6), max=1.0)
-            torch._foreach_mul_(leaves, [coef.to(g.dtype) for g in leaves])
-        grads = pol.cast_to_param(grads)
-        params, opt_state = parallel.update(optimizer, grads, state, donate=donate)
-        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=ls.adjust(finite))
-        return new, metrics
+    Returns:
+        The path of the checkpoint's ``state.json``.
+    """
+    full = parallel.gather(state, optimizer, dst=0)
+    on_rank_0(lambda: save_checkpoint(run_dir, full, cfg=cfg, meta=meta), what="writing the checkpoint",
+              group=parallel.group, caller="save_distributed_checkpoint")
+    return os.path.join(os.fspath(run_dir), STATE_JSON)
 
-    return step
+
+def _full_like(like, optimizer):
+    """``like`` with the single-process optimizer state as zero-stride tensors: shapes, no memory."""
+    leaves = optree.tree_leaves(like.params)
+    device = leaves[0].device
+    meta = optree.tree_map(lambda x: torch.empty(x.shape, dtype=x.dtype, device="meta"), like.params)
+    opt = optree.tree_map(lambda x: torch.zeros((), dtype=x.dtype, device=device).expand(x.shape), optimizer.init(meta))
+    return like._replace(opt_state=opt)
+
+
+def load_distributed_checkpoint(run_dir, like, optimizer, parallel: Parallelism, *, cfg=None, restore_rng: bool = False,
+                                broadcast: bool = False):
+    """Read a checkpoint (from any world size, or from one process) into this rank's layout.
+
+    Every rank calls it. Each reads the single-process state and keeps its own shard, so resuming
+    on another number of ranks, or another ZeRO stage, needs nothing special.
+
+    Args:
+        run_dir: the checkpoint's folder.
+        like: a TrainState of this rank (e.g. from ``init_data_parallel_state``): its structure,
+            dtypes and devices; no values are used.
+        optimizer, parallel: those of the resumed run.
+        cfg, restore_rng: as for ``load_checkpoint``.
+        broadcast: rank 0 reads the files and sends them to the others (for machines that do not
+            share the run folder); by default every rank reads them.
+
+    Returns:
+        (state, meta): this rank's TrainState and the meta saved with it.
+    """
+    rank, size = world(parallel.group)
+    # A replicated state is the full state already; sharded ones need the full shapes.
+    template = like if parallel.zero_stage == 0 else _full_like(like, optimizer)
+    if broadcast and size > 1:
+        holder = [None]
+        if rank == 0:
+            full, holder[0] = load_checkpoint(run_dir, template, cfg=cfg, restore_rng=restore_rng)
+        else:
+            full = template
+        collective("load_distributed_checkpoint", "the meta broadcast", dist.broadcast_object_list, holder,
+                   src=global_rank(0, parallel.group), group=parallel.group)
+        full, meta = broadcast_tree(full, group=parallel.group), holder[0]
+    else:
+        full, meta = load_checkpoint(run_dir, template, cfg=cfg, restore_rng=restore_rng)
+    return parallel.shard(full, optimizer), meta

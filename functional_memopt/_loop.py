@@ -1,19 +1,19 @@
-"""The training loop behind ``memopt train``: a run directory, progress, evaluation, checkpoints.
+"""The training loop behind ``memopt train``: progress, evaluation, checkpoints, on one or many ranks.
 
-A run directory holds ``config.json`` (model config, every training argument, and what "auto"
-resolved to), ``metrics.jsonl`` (one JSON object per step and per evaluation), a resumable
-checkpoint (``state.json`` + tensors, see ``_checkpoint``) and ``params.safetensors`` (the
-checkpoint's params in fp16). A checkpoint is written at the start, every ``eval_interval`` steps,
-at the end and on Ctrl-C; batches are a function of (seed, index), so a resumed run takes exactly
-the steps an unbroken run would.
+A checkpoint is written at the start, every ``eval_interval`` steps, at the end and on Ctrl-C;
+batches are a function of (seed, index), so a resumed run takes exactly the steps an unbroken run
+would. What the run directory holds is described in ``_run``.
+
+Under torchrun each rank builds the same global batch and trains on its rows (``shard_batch``);
+the step is ``make_data_parallel_step`` with the ZeRO stage asked for, evaluation is shared out
+the same way, and rank 0 alone writes files and reports. With one process all of this reduces to
+the single-process step, bit for bit.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -21,75 +21,32 @@ import time
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 
-from ._checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from ._checkpoint import has_checkpoint
 from ._config import ModelConfig
 from ._data import load_corpus, sample_batch, train_val_split
+from ._distributed import (
+    init_data_parallel_state,
+    load_distributed_checkpoint,
+    make_data_parallel_step,
+    save_distributed_checkpoint,
+    shard_batch,
+)
 from ._loss_scale import dynamic_loss_scale, no_op_loss_scale, static_loss_scale
 from ._model import init_params
 from ._optim import adamw, decay_mask
 from ._precision import get_policy, with_policy
+from ._process_group import DistInfo, collective, comm_device, on_rank_0, world
+from ._run import RUN_FORMAT, Resolved, RunFiles, TrainArgs, peak_bytes, prepare_run_dir
 from ._schedules import linear_warmup, warmup_cosine
-from ._storage import atomic_write, save_params
-from ._train import init_train_state, make_loss_fn, make_train_step
+from ._train import make_loss_fn
 from ._version import __version__
+from ._zero import data_parallel
 
-try:  # POSIX only; elsewhere the CPU peak is reported as 0
-    import resource
-except ImportError:  # pragma: no cover
-    resource = None
+__all__ = ["TrainResult", "train", "evaluate", "VAL_SEED"]
 
-__all__ = ["TrainArgs", "Resolved", "TrainResult", "train", "RUN_FORMAT", "read_run_config", "VAL_SEED"]
-
-RUN_FORMAT = "functional_memopt.run"
 VAL_SEED = 1234  # validation batches do not depend on --seed, so runs with different seeds compare
-_RUN_FILES = ("config.json", "metrics.jsonl", "params.safetensors", "state.json")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainArgs:
-    """Every argument of ``memopt train`` that shapes a run, as recorded in config.json."""
-
-    preset: str = "tiny"  # a name from PRESETS
-    n_layer: int | None = None  # overrides of the preset's shape (None: keep the preset's)
-    n_head: int | None = None
-    n_embd: int | None = None
-    block_size: int | None = None
-    policy: str = "auto"  # precision policy string, or "auto" (best for the device)
-    loss_scale: str = "auto"  # "auto" (dynamic for fp16 compute), "none", "dynamic" or a number
-    batch_size: int = 32  # rows per optimizer step
-    accum_steps: int | None = None  # micro-batches per step (None: 4, or the most of 4, 2, 1 that divides)
-    seq_len: int | None = None  # tokens per row (None: block_size)
-    remat: str = "none"  # "none", "all" or N (every N-th block)
-    lr: float = 2e-3  # peak learning rate
-    min_lr: float | None = None  # final learning rate of the cosine schedule (None: lr / 10)
-    warmup_steps: int | None = None  # linear warmup steps (None: steps // 8, at most 100)
-    schedule: str = "cosine"  # "cosine" or "constant" (after the warmup)
-    weight_decay: float = 0.1  # AdamW's decoupled decay, on matrices only
-    beta1: float = 0.9
-    beta2: float = 0.99
-    max_grad_norm: float = 1.0  # global-norm clipping (0: off)
-    steps: int = 180  # optimizer steps (batches) in the whole run
-    stop_at: int | None = None  # stop (with a checkpoint) at this step; the schedule still spans `steps`
-    eval_interval: int | None = None  # steps between evaluations and checkpoints (None: steps // 6)
-    eval_batches: int = 8  # validation batches of batch_size // accum_steps rows
-    corpus: str | None = None  # a text file or folder (None: the built-in corpus)
-    seed: int = 0  # init and batch order
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    threads: str = "auto"  # CPU threads: "auto" (the cores not busy now) or a number
-    gc_every: int = 0  # memory hygiene every N steps (0: off)
-
-
-class Resolved(NamedTuple):
-    """What the "auto" arguments resolved to; stored in config.json and reused on resume."""
-
-    policy: str
-    loss_scale: str
-    accum_steps: int
-    seq_len: int
-    warmup_steps: int
-    eval_interval: int
-    threads: int
 
 
 class TrainResult(NamedTuple):
@@ -104,69 +61,6 @@ class TrainResult(NamedTuple):
     peak_bytes: int  # CUDA max_memory_allocated, or the process's peak RSS on the CPU
     run_dir: str
     message: str  # the summary line
-
-
-def read_run_config(run_dir: str) -> dict:
-    """The parsed config.json of a run directory; ValueError when it is not one."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"train: no run directory at {run_dir!r}; check the path.")
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"train: {run_dir!r} is not a memopt run directory (it has no config.json).") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"train: {path!r} is not valid JSON ({err}); the run directory is damaged.") from None
-    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
-        raise ValueError(f"train: {path!r} is not a memopt run config (no format {RUN_FORMAT!r}).")
-    return record
-
-
-def _prepare_run_dir(run_dir: str, *, force: bool, dry_run: bool = False) -> None:
-    """Check that ``run_dir`` may hold a new run; unless ``dry_run``, clear a previous run and create it."""
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise ValueError(f"train: the run directory {run_dir!r} is a file; choose another --run-dir.")
-    entries = os.listdir(run_dir) if os.path.isdir(run_dir) else []
-    if entries and not force:
-        raise ValueError(
-            f"train: the run directory {run_dir!r} already exists and is not empty; pass --force to "
-            f"replace that run, --resume {run_dir} to continue it, or choose another --run-dir."
-        )
-    if entries:
-        ours = set(_RUN_FILES) | {e for e in entries if e.startswith("state-") and e.endswith(".safetensors")}
-        if "config.json" not in entries or set(entries) - ours - {e for e in entries if e.startswith(".")}:
-            raise ValueError(
-                f"train: {run_dir!r} holds files that are not a memopt run ({sorted(set(entries) - ours)[:5]}); "
-                "--force only replaces a previous run. Choose another --run-dir."
-            )
-        read_run_config(run_dir)
-        if dry_run:
-            return
-        for name in entries:
-            if name in ours:
-                os.unlink(os.path.join(run_dir, name))
-    if not dry_run:
-        os.makedirs(run_dir, exist_ok=True)
-
-
-def _write_json(path: str, record: dict) -> None:
-    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write, caller="train")
-
-
-def _peak_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    if resource is None:
-        return 0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB, macOS bytes
 
 
 def _mib(n: int) -> str:
@@ -196,16 +90,31 @@ def _remat(spec: str):
 
 
 class _CtrlC:
-    """The first Ctrl-C asks the loop to stop after the current step; a second one aborts."""
+    """The first Ctrl-C asks the loop to stop after the current step; a second one aborts.
 
-    def __init__(self) -> None:
+    Under torchrun every Ctrl-C only asks: the terminal signals the ranks and torchrun signals
+    them again at once, and torchrun itself kills ranks that have not exited 30 s later. The ranks
+    agree on the request after each step (:meth:`agreed`), so they stop at the same step.
+    """
+
+    def __init__(self, info: DistInfo) -> None:
+        self.info = info
         self.requested = False
         self._previous = None
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.requested and self.info.world_size == 1:
             raise KeyboardInterrupt
         self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether any rank was asked to stop (one tiny all-reduce per step with several ranks)."""
+        if self.info.world_size == 1:
+            return self.requested
+        flag = torch.tensor([int(self.requested)], device=comm_device(None))
+        collective("train", "the stop-request all-reduce", dist.all_reduce, flag, op=dist.ReduceOp.MAX)
+        self.requested = bool(flag)
+        return self.requested
 
     def __enter__(self) -> "_CtrlC":
         if threading.current_thread() is threading.main_thread():
@@ -242,22 +151,30 @@ def _hygiene(step, every: int, device: torch.device):
         return wrapped
 
 
-def evaluate(params: Any, cfg: ModelConfig, policy, batches: list) -> float:
-    """Mean validation loss in nats per counted token, under the policy's compute precision."""
+def evaluate(params: Any, cfg: ModelConfig, policy, batches: list, *, info: DistInfo | None = None) -> float:
+    """Mean validation loss in nats per counted token, under the policy's compute precision.
+
+    With several ranks (``info``), each evaluates its rows of every batch and the sums are added.
+    """
     loss = with_policy(make_loss_fn(cfg), policy)
     total = torch.zeros((), dtype=torch.float64)
     count = torch.zeros((), dtype=torch.float64)
+    ranks = info is not None and info.world_size > 1
     with torch.no_grad():
         for b in batches:
-            s, c = loss(params, b)
+            s, c = loss(params, shard_batch(b, info.rank, info.world_size) if ranks else b)
             total += s.double().cpu()
             count += c.double().cpu()
+    if ranks:
+        sums = torch.stack([total, count]).to(comm_device(None))
+        collective("train", "the evaluation all-reduce", dist.all_reduce, sums)
+        total, count = sums.cpu()
     return float(total / count.clamp(min=1))
 
 
 def train(
     args: TrainArgs, cfg: ModelConfig, resolved: Resolved, run_dir: str, device: torch.device,
-    *, resume: bool = False, force: bool = False, quiet: bool = False,
+    *, resume: bool = False, force: bool = False, quiet: bool = False, info: DistInfo | None = None,
 ) -> TrainResult:
     """Run (or resume) training into ``run_dir``; see the module docstring for what it writes.
 
@@ -268,17 +185,29 @@ def train(
         resume: continue the checkpoint in ``run_dir`` (config.json is not rewritten).
         force: replace a previous run in ``run_dir``.
         quiet: no progress bar.
+        info: this process's place in a data-parallel job (from ``init_distributed``; None: that
+            of the default process group, or one process without one). ``args.batch_size`` is the global batch, split evenly over the ranks, and
+            ``resolved.accum_steps`` counts each rank's micro-batches.
 
     Returns:
-        A TrainResult; progress goes to stderr, and nothing is printed to stdout.
+        A TrainResult (the same on every rank); progress goes to stderr from rank 0, and nothing is
+        printed to stdout.
     """
     from tqdm import tqdm
 
     t_start = time.perf_counter()
-    if not resume:
-        _prepare_run_dir(run_dir, force=force, dry_run=True)  # refuse early, before the corpus is read
+    if info is None:  # the default process group, if the caller made one
+        info = DistInfo(*world(), 0, device)
+    main = info.rank == 0
+    rows = args.batch_size // info.world_size  # this rank's rows of every batch
+    if rows * info.world_size != args.batch_size or rows % resolved.accum_steps:
+        raise ValueError(f"train: --batch-size {args.batch_size} must split into {info.world_size} ranks x "
+                         f"{resolved.accum_steps} micro-batches of equal rows; change --batch-size or --accum-steps.")
+    if not resume:  # refuse early, before the corpus is read
+        on_rank_0(lambda: prepare_run_dir(run_dir, force=force, dry_run=True), what="checking the run directory",
+                  caller="train")
     policy = get_policy(resolved.policy)
-    micro = args.batch_size // resolved.accum_steps
+    val_rows = args.batch_size // resolved.accum_steps  # one micro-batch per rank
     train_data, val_data = train_val_split(load_corpus(args.corpus))
     T = resolved.seq_len
     for name, part in (("training", train_data), ("validation", val_data)):
@@ -289,78 +218,67 @@ def train(
             )
     opt, sched = _optimizer(args, resolved.warmup_steps)
     ls = _loss_scale(resolved.loss_scale, device)
-    state = init_train_state(init_params(cfg, seed=args.seed, device=device), opt, loss_scale=ls, policy=policy)
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    # Sharding over one rank changes nothing but the layout: one process keeps the plain one.
+    par = data_parallel(zero_stage=args.zero_stage if info.world_size > 1 else 0)
+    state = init_data_parallel_state(init_params(cfg, seed=args.seed, device=device), opt, par, loss_scale=ls,
+                                     policy=policy)
+    files = RunFiles(run_dir, main=main)
     if resume:
         if not has_checkpoint(run_dir):
             raise ValueError(f"train: {run_dir!r} holds no checkpoint to resume (state.json is missing).")
-        state, meta = load_checkpoint(run_dir, state, cfg=cfg, restore_rng=True)
+        state, meta = load_distributed_checkpoint(run_dir, state, opt, par, cfg=cfg, restore_rng=True)
         start, skipped, bpb0 = int(meta["batch_index"]), int(meta["skipped"]), meta.get("val_bpb_start")
-        if os.path.exists(metrics_path):  # drop lines written after the checkpoint
-            with open(metrics_path, "r+b") as f:
-                f.truncate(min(int(meta["metrics_bytes"]), os.path.getsize(metrics_path)))
+        files.reopen(int(meta["metrics_bytes"]))
     else:
-        _prepare_run_dir(run_dir, force=force)
-        _write_json(os.path.join(run_dir, "config.json"), {
-            "format": RUN_FORMAT, "format_version": 1, "library_version": __version__,
-            "model": cfg.to_dict(), "train": dataclasses.asdict(args), "resolved": resolved._asdict(),
-        })
+        config = {"format": RUN_FORMAT, "format_version": 1, "library_version": __version__,
+                  "model": cfg.to_dict(), "train": dataclasses.asdict(args), "resolved": resolved._asdict()}
+        on_rank_0(lambda: files.start(config, force=force), what="preparing the run directory", caller="train")
         start, skipped, bpb0 = 0, 0, None
-        open(metrics_path, "w").close()
-    step_fn = make_train_step(cfg, opt, policy=policy, accum_steps=resolved.accum_steps, remat=_remat(args.remat),
-                              max_grad_norm=args.max_grad_norm or None, donate=True)
+    step_fn = make_data_parallel_step(cfg, opt, par, policy=policy, accum_steps=resolved.accum_steps,
+                                      remat=_remat(args.remat), max_grad_norm=args.max_grad_norm or None, donate=True)
     step_fn = _hygiene(step_fn, args.gc_every, device)
-    val_batches = [sample_batch(val_data, micro, T, seed=VAL_SEED, index=i, device=device)
+    val_batches = [sample_batch(val_data, val_rows, T, seed=VAL_SEED, index=i, device=device)
                    for i in range(args.eval_batches)]
     end = min(args.steps, args.stop_at) if args.stop_at is not None else args.steps
     dynamic = hasattr(state.loss_scale, "min_loss_scale")
-    log = open(metrics_path, "a", encoding="utf-8")
-    bar = tqdm(total=end, initial=start, desc="train", unit="step", disable=quiet, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=end, initial=start, desc="train", unit="step", disable=quiet or not main, dynamic_ncols=True,
+               file=sys.stderr)
     it, bpb, tokens, step_s, status, saved_at = start, None, 0.0, 0.0, "done", start
-
-    def record(obj: dict) -> None:
-        # Strict JSON has no nan or inf: write those as strings so every reader can parse the file.
-        obj = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in obj.items()}
-        log.write(json.dumps(obj) + "\n")
-        log.flush()
 
     def checkpoint() -> None:
         nonlocal saved_at
         saved_at = it
-        log.flush()
-        meta = {"batch_index": it, "skipped": skipped, "metrics_bytes": log.tell(), "val_bpb_start": bpb0}
-        save_checkpoint(run_dir, state, cfg=cfg, meta=meta)
-        path = os.path.join(run_dir, "params.safetensors")
-        try:
-            save_params(path, state.params, cfg, dtype=torch.float16)
-        except ValueError:  # a value beyond fp16's range: keep the params whole
-            save_params(path, state.params, cfg, dtype=torch.float32)
+        meta = {"batch_index": it, "skipped": skipped, "metrics_bytes": files.tell(), "val_bpb_start": bpb0}
+        save_distributed_checkpoint(run_dir, state, opt, par, cfg=cfg, meta=meta)
+        on_rank_0(lambda: files.save_params(state.params, cfg), what="writing params.safetensors", caller="train")
 
     def run_eval() -> float:
-        nats = evaluate(state.params, cfg, policy, val_batches)
-        record({"kind": "eval", "step": it, "val_loss": nats, "val_bpb": nats / math.log(2)})
-        if not quiet:
+        nats = evaluate(state.params, cfg, policy, val_batches, info=info)
+        files.record({"kind": "eval", "step": it, "val_loss": nats, "val_bpb": nats / math.log(2)})
+        if not quiet and main:
             bar.write(f"step {it}: validation {nats / math.log(2):.3f} bits/byte", file=sys.stderr)
         return nats / math.log(2)
 
     try:
-        with _CtrlC() as ctrl_c:
+        with _CtrlC(info) as ctrl_c:
             if not resume:
                 bpb = bpb0 = run_eval()
                 checkpoint()
-            while it < end and not ctrl_c.requested:
+            while it < end and not ctrl_c.agreed():
                 batch = sample_batch(train_data, args.batch_size, T, seed=args.seed, index=it, device=device)
+                if info.world_size > 1:
+                    batch = shard_batch(batch, info.rank, info.world_size)
                 lr = float(sched(int(state.step)))
                 t0 = time.perf_counter()
                 state, m = step_fn(state, batch)
                 vals = {k: float(v) for k, v in m.items()}  # one host sync, which the step made anyway
                 step_s += time.perf_counter() - t0
                 it += 1
-                tokens += vals["tokens"]
+                tokens += vals["tokens"]  # of all ranks: the metrics are global
                 skipped += int(vals["skipped"])
-                peak = _peak_bytes(device)
-                record({"kind": "train", "step": it, **vals, "skipped": bool(vals["skipped"]), "lr": lr,
-                        "tokens_per_s": tokens / step_s, "peak_bytes": peak})
+                peak = peak_bytes(device)
+                files.record({"kind": "train", "step": it, **vals, "skipped": bool(vals["skipped"]), "lr": lr,
+                              "tokens_per_s": tokens / step_s, "peak_bytes": peak})
                 bar.set_postfix_str(f"loss {vals['loss']:.3f} | {tokens / step_s:,.0f} tok/s | peak {_mib(peak)} | "
                                     f"scale {vals['loss_scale']:g} | skipped {skipped}", refresh=False)
                 bar.update(1)
@@ -370,7 +288,8 @@ def train(
                 if it % resolved.eval_interval == 0 or it == end:
                     bpb = run_eval()
                     checkpoint()
-            if ctrl_c.requested and status == "done":
+            interrupted = ctrl_c.agreed()  # every rank asks, so all checkpoint or none does
+            if interrupted and status == "done":
                 status = "interrupted"
                 checkpoint()
             elif status == "done" and end < args.steps:
@@ -379,10 +298,11 @@ def train(
                 bpb = run_eval()
     finally:
         bar.close()
-        log.close()
+        files.close()
     seconds = time.perf_counter() - t_start
     tps = tokens / step_s if step_s else 0.0
-    peak = _peak_bytes(device)
+    peak = peak_bytes(device)
+    ranks = f" on {info.world_size} ranks (ZeRO stage {par.zero_stage})" if info.world_size > 1 else ""
     if status == "diverged":
         message = (f"memopt: error: train: the loss became non-finite at step {it} ({vals['loss']}) under policy "
                    f"{resolved.policy} with no loss scaling left to recover; stopped. The last good checkpoint (step "
@@ -393,7 +313,7 @@ def train(
                    f"Continue with: memopt train --resume {run_dir}")
     else:
         before = f"{bpb0:.3f} -> " if bpb0 is not None else ""
-        message = (f"memopt: {status} at step {it}/{args.steps} in {seconds:.1f} s, {tps:,.0f} tokens/s, "
+        message = (f"memopt: {status} at step {it}/{args.steps} in {seconds:.1f} s{ranks}, {tps:,.0f} tokens/s, "
                    f"validation {before}{bpb:.3f} bits/byte, peak memory {_mib(peak)}, skipped {skipped}; "
                    f"run directory {run_dir} (sample with: memopt sample {run_dir})")
     return TrainResult(status, it, bpb0, bpb, seconds, tps, peak, run_dir, message)

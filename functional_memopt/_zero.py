@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from typing import Any
 
 import optree
@@ -31,19 +30,11 @@ import torch
 import torch.distributed as dist
 
 from ._accumulate import Accumulated
-from ._distributed import (
-    Parallelism,
-    _all_gather_tensor,
-    _all_reduce_count,
-    _global,
-    _reduce_scatter_tensor,
-    collective,
-    replicated,
-    world,
-)
+from ._distributed import Parallelism, all_reduce_count, replicated
 from ._optim import apply_updates
+from ._process_group import all_gather_tensor, collective, global_rank, reduce_scatter_tensor, world
 
-__all__ = ["FlatLayout", "flat_layout", "data_parallel", "save_distributed_checkpoint", "load_distributed_checkpoint"]
+__all__ = ["FlatLayout", "flat_layout", "data_parallel"]
 
 PyTree = Any
 _PROBE = 1_000_003  # probe leaf i has shape (_PROBE + i,): optimizer-state leaves of that shape belong to leaf i
@@ -193,7 +184,7 @@ def _gather_opt_state(opt_state, optimizer, layout: FlatLayout, group, dst: int)
         else:
             bufs = [torch.empty_like(local) for _ in range(layout.world_size)] if mine else None
             collective("Parallelism.gather", "the optimizer-state gather", dist.gather, local, bufs,
-                       dst=_global(dst, group), group=group)
+                       dst=global_rank(dst, group), group=group)
         if mine:
             full = torch.cat([b[:n] for b, n in zip(bufs, lengths)])
             sizes = [_numel(layout.shapes[i]) for i in owners[j:k]]
@@ -256,7 +247,7 @@ def data_parallel(*, zero_stage: int = 0, group=None, bucket_mb: float | None = 
             leaves[i] = None
         if layout.world_size > 1:
             shard = flat.new_empty(layout.shard_size)
-            collective(caller, "the gradient reduce-scatter", _reduce_scatter_tensor, shard, flat, group=group)
+            collective(caller, "the gradient reduce-scatter", reduce_scatter_tensor, shard, flat, group=group)
             flat = shard
         return Accumulated(optree.tree_unflatten(spec, layout.pieces_of_shard(flat)), loss_sum, count)
 
@@ -284,7 +275,7 @@ def data_parallel(*, zero_stage: int = 0, group=None, bucket_mb: float | None = 
         if layout.world_size == 1:
             return layout.unflatten(mine), opt_state
         full = mine.new_empty(layout.world_size * layout.shard_size) if full is None else full
-        collective(caller, "the params all-gather", _all_gather_tensor, full, mine, group=group)
+        collective(caller, "the params all-gather", all_gather_tensor, full, mine, group=group)
         return layout.unflatten(full), opt_state
 
     def init(params, optimizer):
@@ -301,98 +292,5 @@ def data_parallel(*, zero_stage: int = 0, group=None, bucket_mb: float | None = 
 
     if zero_stage == 1:
         return Parallelism(plain.count, plain.reduce, plain.summarize, update, init, gather, shard, 1, group)
-    return Parallelism(_all_reduce_count(group, caller), reduce_scatter, summarize_shards, update, init, gather,
+    return Parallelism(all_reduce_count(group, caller), reduce_scatter, summarize_shards, update, init, gather,
                        shard, 2, group)
-
-
-def save_distributed_checkpoint(run_dir, state, optimizer, parallel: Parallelism, *, cfg, meta: dict | None = None) -> str:
-    """Save a data-parallel run's state in the single-process layout; every rank calls it.
-
-    The full TrainState (params, the whole optimizer state in the unsharded tree layout, loss
-    scale, step) is gathered on rank 0, which writes it with ``save_checkpoint``; the other ranks
-    wait for the outcome, so a failed write raises on every rank. ``load_checkpoint`` with an
-    ``init_train_state`` template reads the files in a single process, and
-    :func:`load_distributed_checkpoint` reads them into any world size and ZeRO stage.
-
-    Args:
-        run_dir: an existing folder on rank 0's machine.
-        state: this rank's TrainState.
-        optimizer: the optimizer of the run (its init gives the state's layout).
-        parallel: the run's Parallelism.
-        cfg, meta: as for ``save_checkpoint`` (meta: e.g. the next batch index).
-
-    Returns:
-        The path of the checkpoint's ``state.json``.
-    """
-    from ._checkpoint import STATE_JSON, save_checkpoint
-
-    full = parallel.gather(state, optimizer, dst=0)
-    rank, size = world(parallel.group)
-    failure = None
-    if rank == 0:
-        try:
-            save_checkpoint(run_dir, full, cfg=cfg, meta=meta)
-        except Exception as err:  # the other ranks must hear of it, then it is raised here
-            failure = err
-    del full
-    if size > 1:
-        flag = torch.tensor([failure is None], dtype=torch.int64, device=_comm_device(parallel.group))
-        collective("save_distributed_checkpoint", "the outcome broadcast", dist.broadcast, flag,
-                   src=_global(0, parallel.group), group=parallel.group)
-        if failure is None and not bool(flag):
-            raise RuntimeError("save_distributed_checkpoint: rank 0 could not write the checkpoint; see its error.")
-    if failure is not None:
-        raise failure
-    return os.path.join(os.fspath(run_dir), STATE_JSON)
-
-
-def _comm_device(group) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
-
-
-def _full_like(like, optimizer):
-    """``like`` with the single-process optimizer state as zero-stride tensors: shapes, no memory."""
-    leaves = optree.tree_leaves(like.params)
-    device = leaves[0].device
-    meta = optree.tree_map(lambda x: torch.empty(x.shape, dtype=x.dtype, device="meta"), like.params)
-    opt = optree.tree_map(lambda x: torch.zeros((), dtype=x.dtype, device=device).expand(x.shape), optimizer.init(meta))
-    return like._replace(opt_state=opt)
-
-
-def load_distributed_checkpoint(run_dir, like, optimizer, parallel: Parallelism, *, cfg=None, restore_rng: bool = False,
-                                broadcast: bool = False):
-    """Read a checkpoint (from any world size, or from one process) into this rank's layout.
-
-    Every rank calls it. Each reads the single-process state and keeps its own shard, so resuming
-    on another number of ranks, or another ZeRO stage, needs nothing special.
-
-    Args:
-        run_dir: the checkpoint's folder.
-        like: a TrainState of this rank (e.g. from ``init_data_parallel_state``): its structure,
-            dtypes and devices; no values are used.
-        optimizer, parallel: those of the resumed run.
-        cfg, restore_rng: as for ``load_checkpoint``.
-        broadcast: rank 0 reads the files and sends them to the others (for machines that do not
-            share the run folder); by default every rank reads them.
-
-    Returns:
-        (state, meta): this rank's TrainState and the meta saved with it.
-    """
-    from ._checkpoint import load_checkpoint
-
-    rank, size = world(parallel.group)
-    template = _full_like(like, optimizer)
-    if broadcast and size > 1:
-        holder = [None]
-        if rank == 0:
-            full, holder[0] = load_checkpoint(run_dir, template, cfg=cfg, restore_rng=restore_rng)
-        else:
-            full = template
-        collective("load_distributed_checkpoint", "the meta broadcast", dist.broadcast_object_list, holder,
-                   src=_global(0, parallel.group), group=parallel.group)
-        from ._distributed import broadcast_tree
-
-        full, meta = broadcast_tree(full, group=parallel.group), holder[0]
-    else:
-        full, meta = load_checkpoint(run_dir, template, cfg=cfg, restore_rng=restore_rng)
-    return parallel.shard(full, optimizer), meta

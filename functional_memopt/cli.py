@@ -4,8 +4,13 @@ Run ``memopt train`` with no arguments to train the ``tiny`` preset on the built
 memory techniques that pay on this device; every knob is a flag (``memopt train --help``). Bad
 input ends with one line ``memopt: error: ...`` on stderr and exit code 2, never a traceback.
 
+Under torchrun, ``train`` runs data parallel on every rank it starts (gloo on CPUs, NCCL on GPUs);
+``--batch-size`` is then the global batch and ``--zero-stage`` shards the optimizer state (1) and
+the gradients too (2). Rank 0 alone writes the run directory and prints.
+
 Example:
     memopt train --steps 300 --run-dir runs/demo
+    torchrun --standalone --nproc_per_node=2 -m functional_memopt.cli train --zero-stage 2 --run-dir runs/dp
     memopt sample runs/demo --prompt "def " --max-new-tokens 200
     memopt convert runs/demo/params.safetensors gpt2-dir --to gpt2 --dtype fp32
 """
@@ -13,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -20,28 +26,42 @@ import time
 
 import torch
 
-from ._config import ModelConfig, get_config
-from ._loop import Resolved, TrainArgs, read_run_config, train
-from ._precision import get_policy
+from ._config import ModelConfig
+from ._loop import train
+from ._process_group import RankFailed, init_distributed, shutdown_distributed
+from ._run import CPU_DEFAULT_POLICY, Resolved, TrainArgs, check_accum, read_run_config, resolve_args, resolve_device
 
-__all__ = ["main", "build_parser", "CPU_DEFAULT_POLICY"]
+__all__ = ["main", "build_parser"]
 
-# On the CPU "auto" takes the policy measured fastest for the tiny preset (batch 32 = 4 x 8,
-# sequence 128) on a 2-core AVX-512 machine with bf16 instructions; without bf16 instructions
-# bf16 matmuls are emulated, so fp32 is taken there.
-CPU_DEFAULT_POLICY = "mixed_bf16"
-_RESUMABLE = {"steps", "stop_at", "device", "threads", "gc_every", "eval_interval"}  # may change on --resume
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+# May change on --resume (a checkpoint holds the single-process layout, so the ranks and stage may too).
+_RESUMABLE = {"steps", "stop_at", "device", "threads", "gc_every", "eval_interval", "zero_stage", "dist_timeout"}
 
 
 class _UsageError(Exception):
     """A command-line mistake found by argparse."""
+
+
+class _Silent(Exception):
+    """An error that rank 0 reports for every rank (the same on all of them): exit quietly."""
+
+
+def _launched_world_size() -> int:
+    """The ranks torchrun started (WORLD_SIZE), known before joining them; 1 without torchrun."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise ValueError("train: WORLD_SIZE must be an integer; launch with torchrun, which sets it.") from None
+
+
+@contextlib.contextmanager
+def _reported_by_rank_0():
+    """Errors in here are the same on every rank (arguments, config): only rank 0 prints one."""
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError, OSError) as err:
+        if os.environ.get("RANK", "0") != "0":
+            raise _Silent() from err
+        raise
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,6 +73,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
     return value
 
 
@@ -70,8 +97,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "'params=..,compute=..,output=..' (default auto: mixed_bf16 on CUDA when supported, else "
         f"mixed_fp16; {CPU_DEFAULT_POLICY} on the CPU)")
     add("--loss-scale", "auto (dynamic for fp16 compute), none, dynamic, or a static scale such as 1024")
-    add("--batch-size", f"rows per optimizer step (default {d.batch_size})", type=_positive_int)
-    add("--accum-steps", "micro-batches per step; must divide the batch (default 4, else 2 or 1)", type=_positive_int)
+    add("--batch-size", f"rows per optimizer step, over all ranks (default {d.batch_size})", type=_positive_int)
+    add("--accum-steps", "micro-batches per step and rank; must divide the rank's rows (default 4, else 2 or 1)",
+        type=_positive_int)
     add("--seq-len", "tokens per row (default: the block size)", type=_positive_int)
     add("--remat", "rematerialise blocks: none, all, or N for every N-th block (default none)")
     add("--lr", f"peak learning rate (default {d.lr:g})", type=float)
@@ -89,9 +117,14 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     add("--corpus", "a text file or folder to train on (default: the built-in corpus)")
     add("--run-dir", "where the run is written (default runs/<preset>-<time>)")
     add("--seed", f"seed of the init and the batch order (default {d.seed})", type=int)
-    add("--device", "auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
+    add("--device", "auto, cpu, cuda or cuda:N (default auto: CUDA when available); under torchrun each rank "
+        "takes cuda:LOCAL_RANK, or the CPU with --device cpu")
     add("--threads", "CPU threads: auto (the cores not busy now) or a number")
     add("--gc-every", "memory hygiene (garbage collection, cache clearing) every N steps (default off)", type=int)
+    add("--zero-stage", "under torchrun: 0 replicates the optimizer state on every rank, 1 shards it, 2 shards "
+        "the gradients too (default 0)", type=int, choices=[0, 1, 2])
+    add("--dist-timeout", f"under torchrun: seconds before a missing rank or a stuck collective is an error "
+        f"(default {d.dist_timeout:g})", type=_seconds)
     add("--resume", "continue the run in this directory exactly where its checkpoint left off", metavar="RUN_DIR")
     p.add_argument("--force", action="store_true", help="replace a previous run in --run-dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -140,81 +173,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- train
 
 
-def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {spec}: CUDA is not available on this machine; use --device cpu.")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}.")
-    return device
-
-
-def _threads(spec: str) -> int:
-    if spec != "auto":
-        if not spec.isdigit() or int(spec) < 1:
-            raise ValueError(f"train: --threads must be auto or an integer >= 1, got {spec!r}.")
-        return int(spec)
-    cores = torch.get_num_threads()
-    try:  # threads beyond the idle cores spin against other processes (measured 7x slower)
-        busy = int(os.getloadavg()[0])
-    except (OSError, AttributeError):
-        busy = 0
-    return max(1, min(cores, (os.cpu_count() or cores) - busy))
-
-
-def _resolve(args: TrainArgs, device: torch.device):
-    overrides = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(args, k)}
-    cfg = get_config(args.preset, **overrides)
-    policy = args.policy
-    if policy == "auto":
-        if device.type == "cuda":
-            policy = "mixed_bf16" if torch.cuda.is_bf16_supported() else "mixed_fp16"
-        else:
-            policy = CPU_DEFAULT_POLICY if _cpu_has_bf16() else "fp32"
-    pol = get_policy(policy)  # raises for a string it cannot read
-    loss_scale = args.loss_scale
-    if loss_scale == "auto":
-        loss_scale = "dynamic" if pol.compute_dtype == torch.float16 else "none"
-    elif loss_scale not in ("none", "dynamic"):
-        try:
-            value = float(loss_scale)
-        except ValueError:
-            value = float("nan")
-        if not (0 < value < float("inf")):
-            raise ValueError(f"train: --loss-scale must be auto, none, dynamic or a number > 0, got {loss_scale!r}.")
-    fitting = next(k for k in (4, 2, 1) if args.batch_size % k == 0)
-    accum = args.accum_steps or fitting
-    if args.batch_size % accum:
-        raise ValueError(
-            f"train: --accum-steps {accum} does not divide --batch-size {args.batch_size}; choose a divisor "
-            f"so every micro-batch has the same rows (e.g. --accum-steps {fitting})."
-        )
-    seq_len = args.seq_len or cfg.block_size
-    if seq_len > cfg.block_size:
-        raise ValueError(
-            f"train: --seq-len {seq_len} exceeds the block size {cfg.block_size}; lower it or raise --block-size."
-        )
-    if args.remat not in ("none", "all") and not (args.remat.isdigit() and int(args.remat) >= 1):
-        raise ValueError(
-            f"train: --remat must be none, all or an integer N >= 1 (every N-th block), got {args.remat!r}."
-        )
-    warmup = min(100, args.steps // 8) if args.warmup_steps is None else args.warmup_steps
-    if warmup < 0 or warmup > args.steps:
-        raise ValueError(f"train: --warmup-steps must be between 0 and --steps ({args.steps}), got {warmup}.")
-    if args.gc_every < 0:
-        raise ValueError(f"train: --gc-every must be >= 0, got {args.gc_every}.")
-    if args.max_grad_norm < 0:
-        raise ValueError(f"train: --max-grad-norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}.")
-    interval = args.eval_interval or max(1, args.steps // 6)
-    return cfg, Resolved(policy, loss_scale, accum, seq_len, warmup, interval, _threads(args.threads))
-
-
-def _train_command(ns: argparse.Namespace) -> int:
+def _train_setup(ns: argparse.Namespace, world_size: int):
+    """``(args, cfg, resolved, run_dir, resuming)`` from the command line (and config.json on --resume)."""
     given = {k: v for k, v in vars(ns).items() if k in {f.name for f in dataclasses.fields(TrainArgs)}}
     run_dir = getattr(ns, "run_dir", None)
     resuming = getattr(ns, "resume", None) is not None
@@ -237,8 +197,8 @@ def _train_command(ns: argparse.Namespace) -> int:
             stored = Resolved(**record["resolved"])
         except (KeyError, TypeError) as err:
             raise ValueError(f"train: {run_dir}/config.json is damaged ({err}).") from None
-        device = _device(args.device)
-        _, fresh = _resolve(args, device)  # validates the new values
+        _, fresh = resolve_args(args, resolve_device(args.device), world_size)  # validates the new values
+        check_accum(stored.accum_steps, args.batch_size, world_size, fresh.accum_steps)  # on other ranks too
         cfg = ModelConfig.from_dict(record["model"])
         resolved = stored._replace(
             eval_interval=args.eval_interval or stored.eval_interval,
@@ -248,11 +208,28 @@ def _train_command(ns: argparse.Namespace) -> int:
         if given.get("corpus") is not None:  # so that --resume finds it from any folder
             given["corpus"] = os.path.abspath(given["corpus"])
         args = TrainArgs(**given)
-        device = _device(args.device)
-        cfg, resolved = _resolve(args, device)
+        cfg, resolved = resolve_args(args, resolve_device(args.device), world_size)
         run_dir = run_dir or os.path.join("runs", f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    torch.set_num_threads(resolved.threads)
-    result = train(args, cfg, resolved, run_dir, device, resume=resuming, force=ns.force, quiet=ns.quiet)
+    return args, cfg, resolved, run_dir, resuming
+
+
+def _train_command(ns: argparse.Namespace) -> int:
+    with _reported_by_rank_0():  # the same arguments on every rank: the same errors
+        args, cfg, resolved, run_dir, resuming = _train_setup(ns, _launched_world_size())
+        device = resolve_device(args.device)
+    # Without torchrun's environment this is one process on `device`; under torchrun each rank
+    # takes cuda:LOCAL_RANK (NCCL), or the CPU (gloo) when CUDA is absent or --device cpu asks.
+    info = init_distributed(backend="gloo" if device.type == "cpu" else None, timeout_s=args.dist_timeout)
+    try:
+        if info.world_size == 1:
+            info = info._replace(device=device)
+        torch.set_num_threads(resolved.threads)
+        result = train(args, cfg, resolved, run_dir, info.device, resume=resuming, force=ns.force, quiet=ns.quiet,
+                       info=info)
+    finally:
+        shutdown_distributed()
+    if info.rank != 0:
+        return {"interrupted": 130, "diverged": 1}.get(result.status, 0)
     if result.status == "interrupted":
         print(result.message, file=sys.stderr)
         return 130
@@ -307,7 +284,7 @@ def _sample_command(ns: argparse.Namespace) -> int:
     from ._data import decode, encode
     from ._sample import generate
 
-    device = _device(ns.device)
+    device = resolve_device(ns.device)
     params, cfg, _ = _load_model(ns.source, device, caller="sample")
     if ns.prompt is not None and ns.prompt_ids is not None:
         raise ValueError("sample: give --prompt or --prompt-ids, not both.")
@@ -360,6 +337,12 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+def _error(text: str) -> None:
+    """One error line on stderr; under torchrun, ranks other than 0 say which they are."""
+    rank, size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    print(f"memopt: error: {f'rank {rank}: ' if rank != '0' and size != '1' else ''}{text}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``memopt`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -367,14 +350,16 @@ def main(argv: list[str] | None = None) -> int:
         ns = build_parser(argv).parse_args(argv)
         return ns.func(ns)
     except _UsageError as err:
-        print(f"memopt: error: {_one_line(err)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank parses the same command line
+            _error(_one_line(err))
+        return 2
+    except (_Silent, RankFailed):  # rank 0 printed why
         return 2
     except torch.OutOfMemoryError as err:
-        print(f"memopt: error: out of memory ({_one_line(err)[:200]}); lower --batch-size, raise --accum-steps "
-              "or pass --remat all.", file=sys.stderr)
+        _error(f"out of memory ({_one_line(err)[:200]}); lower --batch-size, raise --accum-steps or pass --remat all.")
         return 1
     except (ValueError, TypeError, FileNotFoundError, OSError, ImportError) as err:
-        print(f"memopt: error: {_one_line(err)}", file=sys.stderr)
+        _error(_one_line(err))
         return 2
     except KeyboardInterrupt:
         print("memopt: interrupted.", file=sys.stderr)
