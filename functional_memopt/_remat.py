@@ -39,10 +39,11 @@ class _Remat(torch.autograd.Function):
         def recompute(x_, *leaves_):
             return fn(optree.tree_unflatten(treespec, list(leaves_)), x_)
 
-        with torch.enable_grad():
-            _, vjp_fn = torch.func.vjp(recompute, x, *leaves)
-            grads = vjp_fn(grad_out)
-        return (None, None, *grads)
+        # No enable_grad here: torch.func.vjp is a function transform and differentiates whatever
+        # the grad mode, while under the outer backward's no-grad mode the recomputed
+        # activations stay out of the outer autograd graph and are freed when this returns.
+        _, vjp_fn = torch.func.vjp(recompute, x, *leaves)
+        return (None, None, *vjp_fn(grad_out))
 
 
 def checkpoint(fn: Callable, params: Any, x: torch.Tensor) -> torch.Tensor:

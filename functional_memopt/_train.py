@@ -26,7 +26,7 @@ from ._model import loss_fn as model_loss_fn
 from ._optim import GradientTransformation, apply_updates
 from ._precision import Policy, get_policy, with_policy
 from ._remat import RematSpec
-from ._tree import tree_all_finite, tree_global_norm
+from ._tree import tree_global_norm
 
 __all__ = [
     "TrainState",
@@ -123,8 +123,14 @@ def _no_reduction(value):
 
 
 def summarize_gradients(grads, loss_sum: torch.Tensor, count: torch.Tensor) -> tuple:
-    """``(all_finite(grads), global_norm(grads), loss_sum, count)``: the single-process summary."""
-    return tree_all_finite(grads), tree_global_norm(grads), loss_sum, count
+    """``(finite, global_norm(grads), loss_sum, count)``: the single-process summary.
+
+    The norm is finite exactly when every gradient element is finite (inf and nan propagate
+    through the sum of squares), so one pass over the gradients gives both; a norm that overflows
+    float32 (above ~3e38) also counts as non-finite, and that step is skipped too.
+    """
+    norm = tree_global_norm(grads)
+    return torch.isfinite(norm), norm, loss_sum, count
 
 
 def update_params(optimizer: GradientTransformation, grads, state: TrainState, *, donate: bool = False) -> tuple:

@@ -1,0 +1,1 @@
+"""Helpers of ``benchmarks/run.py``: timing, step runners, sections and the report."""

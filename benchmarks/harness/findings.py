@@ -1,0 +1,134 @@
+"""The report's last part: missed targets, and the measured pieces that explain them.
+
+The causes are stated next to the figures that show them, so a cause no longer measured (once
+fixed) drops out or reads differently on the next run.
+"""
+
+from __future__ import annotations
+
+
+def _ms(s) -> str:
+    return "-" if s is None else f"{1e3 * s:.1f}" if s >= 0.01 else f"{1e3 * s:.2f}"
+
+
+def _cost_rows(sp: dict, prefix: str) -> list[dict]:
+    return [c for c in sp.get("costs", []) if c["cost"].startswith(prefix)]
+
+
+def findings(r: dict) -> str:
+    """Missed targets, then the measured pieces that explain them."""
+    out = ["\n## Missed targets and their causes\n"]
+    sp = r.get("speed", {}) if isinstance(r.get("speed"), dict) else {}
+    missed = [f"step time {x['preset']} {x['precision']} a{x['accum']} `{x['variant']}`: {x['ratio']:.3f}"
+              for x in sp.get("step_time", []) if not x["met"]]
+    missed += [f"{c['cost']} ({c['preset']} {c['precision']}): {c['ratio']:.3f} > {c['target']:.2f}"
+               for c in sp.get("costs", []) if c["met"] is False]
+    mem = r.get("memory", {}) if isinstance(r.get("memory"), dict) else {}
+    missed += [f"memory `{x['technique']}`: measured / predicted {x['measured_over_predicted']:.3f}"
+               for x in mem.get("rows", []) if x.get("within_tolerance") is False]
+    if mem.get("all_met") is False:
+        missed.append("memory: all techniques together not under 40% of the baseline")
+    out.append("\n".join(f"- {m}" for m in missed) + "\n" if missed else "None.\n")
+    out.append("\nRatios within a few percent of 1 move by about as much from run to run on a shared machine "
+               "(compare `paired` and `min ratio`); the causes below are measured piece by piece.\n")
+    d = r.get("diagnostics", {}) if isinstance(r.get("diagnostics"), dict) else {}
+    pg = d.get("post_grad")
+    if pg:
+        get = lambda key: next((v["s"] for k, v in pg.items() if k.startswith(key)), None)  # noqa: E731
+        fin, fused, unscale = get("finite: tree_all_finite"), get("finite + unscale"), get("unscale:")
+        pure, donate, clone = get("adamw pure"), get("adamw donate"), get("gradient clone")
+        ref_adamw, fused_adamw, sel = get("reference: torch.optim"), get("torch.optim.AdamW(fused"), get("tree_select")
+        out.append("**Step time, after the gradients** (per step, model of the post-gradient table):\n")
+        out.append(f"- Finite check: `tree_all_finite` runs isfinite + all per leaf and stacks the flags: "
+                   f"{_ms(fin)} ms, plus {_ms(unscale)} ms for the separate unscale multiply under a loss scale. "
+                   f"GradScaler's fused kernel `torch._amp_foreach_non_finite_check_and_unscale_` does both in "
+                   f"{_ms(fused)} ms. The reference at fp32/bf16 checks nothing. Fix (functional_memopt/_train.py, "
+                   "make_train_step's step): replace the `_foreach_mul_` unscale and the `tree_all_finite` of "
+                   "`summarize_gradients` by one call of that kernel on the gradient leaves (inv_scale = 1/S, or "
+                   "1.0 without a loss scale; finite = found_inf == 0; all-reduce found_inf with MAX in the "
+                   "parallel hooks).\n")
+        if None not in (pure, donate, clone, ref_adamw):
+            out.append(f"- Optimizer: the pure AdamW allocates new moments, the update, the decay term and new "
+                       f"params and makes about 12 passes: {_ms(pure)} ms; donated {_ms(donate - clone)} ms; "
+                       f"torch.optim.AdamW(foreach=True) makes 8 passes in place: {_ms(ref_adamw)} ms"
+                       + (f"; fused=True: {_ms(fused_adamw)} ms" if fused_adamw else "") + ". The extra passes "
+                       "come from keeping `update` and `apply_updates` apart while matching torch's rounding "
+                       "(p * (1 - lr wd) - p, then p + u).\n")
+        norm, ref_clip = get("global norm"), get("reference norm + clip")
+        if None not in (fin, pure, norm, ref_clip, ref_adamw):
+            extra = fin + pure + norm - ref_clip - ref_adamw
+            shares = [f"{g['preset']} {g['precision']} a1: {100 * extra / g['timings']['ref a1']['s']:.1f}%"
+                      for g in sp.get("groups", []) if g.get("model") == d.get("post_grad_model")
+                      and "ref a1" in g.get("timings", {})]
+            out.append(f"- Together (finite check + pure AdamW + norm, against clip_grad_norm_ + AdamW) the "
+                       f"functional step spends {_ms(extra)} ms more per step after the gradients"
+                       + (" = " + ", ".join(shares) + " of the reference step on the same model" if shares else "")
+                       + ".\n")
+        if sel is not None:
+            out.append(f"- A sync-free skip (`tree_select` of new and old state, no `bool(finite)`) would cost "
+                       f"{_ms(sel)} ms per step: it removes the compile graph break, not time.\n")
+    fold = d.get("fold", {})
+    if fold:
+        out.append("\n**Step time, the gradients** (forward + backward only):\n")
+    for key, v in fold.items():
+        names = list(v)
+        ref, auto, func = (v[n]["s"] for n in names)
+        out.append(f"- {key}: reference {_ms(ref)} ms, functional autograd engine {_ms(auto)} ms "
+                   f"({auto / ref:.3f}x), torch.func engine {_ms(func)} ms ({func / ref:.3f}x).\n")
+    if fold:
+        out.append("- The torch.func engine pays a per-op cost (every tensor wrapped at the transform's level), "
+                   "which grows with the number of micro-batches; the autograd engine is the default for that "
+                   "reason. The functional fold's own cost per micro-batch (tree flatten / cast / detach of "
+                   "every leaf, a fresh gradient tree added into the accumulator) shows at accumulation 8.\n")
+    flag = d.get("remat_grads_require_grad")
+    remat_rows = _cost_rows(sp, "remat")
+    if flag is not None or remat_rows:
+        out.append("\n**Remat.** " + ", ".join(f"{c['preset']} {c['precision']}: {c['ratio']:.3f}x"
+                                               for c in remat_rows) + ".")
+        if flag and flag.get("autograd"):
+            out.append(" The gradients that come back through a rematerialised block still require grad under "
+                       "the autograd engine: `_Remat.backward` recomputes with `torch.func.vjp` on the saved "
+                       "inputs as they are (they are the live, requires-grad leaves), so under `enable_grad` "
+                       "the outer autograd also records the recomputation and its vjp, and each gradient "
+                       "holds its block's recomputed activations until the optimizer is done (the memory table's "
+                       "remat row) and autograd records the optimizer's arithmetic on them. Fix "
+                       "(functional_memopt/_remat.py, `_Remat.backward`): recompute on `x.detach()` and "
+                       "`[leaf.detach() for leaf in leaves]`; outside a torch.func transform a plain "
+                       "`torch.autograd.grad` recompute is cheaper still. Defensive second fix "
+                       "(functional_memopt/_grad.py, the autograd engine): detach the returned gradients.\n")
+        else:
+            out.append(" Remat's gradients carry no autograd history; the cost is the second forward of each block.\n")
+    acc = _cost_rows(sp, "accumulation (8")
+    if acc:
+        pairs = {}
+        for c in acc:
+            side = "functional" if "functional" in c["cost"] else "reference"
+            pairs.setdefault((c["preset"], c["precision"]), {})[side] = c["ratio"]
+        out.append("\n**Accumulation.** 8 micro-batches of 1 row against 1 batch of 8 rows, functional / reference "
+                   "cost: " + "; ".join(f"{p} {q}: {v.get('functional', float('nan')):.3f} / "
+                                        f"{v.get('reference', float('nan')):.3f}" for (p, q), v in pairs.items())
+                   + ". Where the reference pays about as much, the cost comes from the smaller micro-batch (less "
+                   "work per kernel call, one optimizer-free pass of Python per micro-batch), not from the fold; "
+                   "the 2-micro-batch rows are the closer to compute-bound comparison.\n")
+    ls_rows = _cost_rows(sp, "dynamic loss scale")
+    if ls_rows:
+        out.append("\n**Loss scaling.** " + ", ".join(f"{c['preset']} {c['precision']}: {c['ratio']:.3f}x"
+                                                     for c in ls_rows) +
+                   ". Its own work is the unscale pass and a few scalar ops of `adjust`; the fused kernel above "
+                   "would fold the unscale into the finite check the step makes anyway.\n")
+    hyg = d.get("hygiene_calls", {}).get("gc.collect()")
+    if hyg:
+        out.append(f"\n**Memory hygiene.** One `gc.collect()` in this process takes {_ms(hyg['s'])} ms (it walks "
+                   "every tracked Python object, most of them from imported modules): hygiene every step adds that "
+                   "much to each step, every N steps 1/N of it. What it gives back is in the hygiene table of "
+                   "section 4.\n")
+    c = r.get("compile", {})
+    ex = c.get("explain", {}) if isinstance(c, dict) else {}
+    if ex:
+        out.append("\n**Compile.** The step's `if not bool(finite)` is a data-dependent branch: dynamo breaks the "
+                   "graph there under both engines. Fix (functional_memopt/_train.py): an option to take the "
+                   "skip with `tree_select(finite, new, old)` (cost above) or `torch.cond`, so the whole step "
+                   "is one graph. Under the autograd engine `torch.autograd.grad` is not traced "
+                   "(`torch._dynamo.config.trace_autograd_ops`), so its forward and backward compile as "
+                   "separate graphs around eager calls; use engine='func' to compile.\n")
+    return "\n".join(out)

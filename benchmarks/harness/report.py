@@ -1,0 +1,245 @@
+"""results.json -> RESULTS.md: every figure in the report is read from the results."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .findings import findings
+
+MiB = 2**20
+
+
+def jsonable(x: Any, scrub: dict[str, str] | None = None) -> Any:
+    """``x`` with tuples as lists, tensors as numbers, non-finite floats as None (strict JSON), and
+    each key of ``scrub`` replaced by its value in strings (so no local path reaches the files)."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v, scrub) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v, scrub) for v in x]
+    if isinstance(x, str):
+        for old, new in sorted((scrub or {}).items(), key=lambda kv: -len(kv[0])):
+            x = x.replace(old, new)
+        return x
+    if hasattr(x, "tolist") and not isinstance(x, bytes):
+        return jsonable(x.tolist(), scrub)
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _ms(s) -> str:
+    return "-" if s is None else f"{1e3 * s:.1f}" if s >= 0.01 else f"{1e3 * s:.2f}"
+
+
+def _x(r) -> str:
+    return "-" if r is None else f"{r:.3f}"
+
+
+def _mib(b) -> str:
+    return "-" if b is None else f"{b / MiB:.1f}"
+
+
+def _ok(met) -> str:
+    return "-" if met is None else ("yes" if met else "**no**")
+
+
+def _table(head: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _error(section: dict) -> str | None:
+    if not isinstance(section, dict):
+        return None
+    if "error" in section:
+        tail = section.get("stderr_tail") or []
+        return f"**error**: {section['error']}" + ("\n\n```\n" + "\n".join(tail) + "\n```" if tail else "")
+    if "skipped" in section:
+        return f"skipped: {section['skipped']}"
+    return None
+
+
+def _meta(m: dict, mode: str) -> str:
+    clock = ("process CPU time in user mode (one intra-op thread: the work of this process alone, steady when "
+             "other processes share the cores; kernel time, mostly page faults that depend on which runner ran "
+             "before, is recorded apart as `sys`)" if m["clock"] == "user" else "wall time, device synchronised")
+    rows = [["command", f"`{m['command']}`"], ["date", m["date"]], ["mode", mode],
+            ["machine", f"{m['cpu']} ({m['cpu_count']} cores, {m['machine']}, {m['system']}, {m['cpu_capability']})"],
+            ["device", m.get("gpu", "cpu")], ["torch", m["torch"] + (f" (CUDA {m['cuda']})" if m.get("cuda") else "")],
+            ["python", m["python"]], ["torch threads", m["threads"]], ["clock", clock],
+            ["load average at start", ", ".join(f"{v:.1f}" for v in m.get("load_average_at_start", []))],
+            ["run time", f"{m.get('elapsed_s', 0):.0f} s"]]
+    return _table(["", ""], rows)
+
+
+def _speed(sp: dict) -> str:
+    out = ["## 1. Step time: functional / imperative reference\n",
+           "Interleaved rounds after warm-up, medians; ratio = functional / reference (target <= 1.00). "
+           "Reference: nn.Module, torch.autocast, "
+           "loss / accum, clip_grad_norm_, torch.optim.AdamW(foreach=True). Both clip at 1.0. "
+           "Variants: `engine=func` (torch.func.grad_and_value), `autocast` (policy_mode), `donate`.\n"]
+    rows = [[r["preset"], r["precision"], r["accum"], r["variant"], _ms(r["func_s"]), _ms(r["ref_s"]),
+             _x(r["ratio"]), _x(r["paired_ratio"]), _x(r.get("min_ratio")), _ok(r["met"]),
+             f"{_ms(r.get('func_sys_s'))} / {_ms(r.get('ref_sys_s'))}"] for r in sp["step_time"]]
+    out.append(_table(["model", "precision", "accum", "functional variant", "functional ms", "reference ms",
+                       "ratio", "paired", "min ratio", "<= 1.00", "sys ms f / r"], rows))
+    out.append("\n`paired`: median of the per-round ratios; `min ratio`: ratio of the fastest rounds (the "
+               "least disturbed by other processes); `sys`: median kernel time per step, not in the ratio.\n")
+    shapes = ", ".join(f"{g['preset']} {g['precision']}: batch {g['batch'][0]}x{g['batch'][1]}, "
+                       f"{g['warmup']} warm-up + {max(t['reps'] for t in g['timings'].values())} rounds"
+                       for g in sp["groups"])
+    out.append(f"\nGroups: {shapes}.\n")
+    out.append("\n## 2. Cost of each technique (same interleaved groups)\n")
+    rows = [[c["cost"], c["preset"], c["precision"], _ms(c["numerator_s"]), _ms(c["denominator_s"]), _x(c["ratio"]),
+             _x(c["paired_ratio"]), "-" if c["target"] is None else f"<= {c['target']:.2f}", _ok(c["met"])]
+            for c in sp["costs"]]
+    out.append(_table(["cost", "model", "precision", "with ms", "without ms", "ratio", "paired", "target", "met"],
+                      rows))
+    return "\n".join(out)
+
+
+def _diagnostics(d: dict) -> str:
+    out = ["\n## Where the time goes (diagnostics)\n"]
+    cfg = d["post_grad_model"]
+    out.append(f"Post-gradient pieces for a model of n_layer {cfg['n_layer']}, n_embd {cfg['n_embd']} "
+               "(interleaved medians):\n")
+    out.append(_table(["piece", "ms"], [[k, _ms(v["s"])] for k, v in d["post_grad"].items()]))
+    if d.get("hygiene_calls"):
+        out.append("\nOne memory-hygiene call in the benchmark process (a step pays this / N with hygiene every N "
+                   "steps):\n")
+        out.append(_table(["call", "ms"], [[k, _ms(v["s"])] for k, v in d["hygiene_calls"].items()]))
+    out.append(f"\nGradient computation only (forward + backward over the micro-batches, no optimizer), "
+               f"batch {d['fold_batch'][0]}x{d['fold_batch'][1]}:\n")
+    names = list(next(iter(d["fold"].values())))
+    rows = [[k] + [_ms(v[n]["s"]) for n in names] for k, v in d["fold"].items()]
+    out.append(_table(["precision, accumulation"] + [f"{n} ms" for n in names], rows))
+    out.append("\nPython profile of one functional step at accumulation 8 (own time, per step):\n")
+    out.append(_table(["function", "calls", "own ms", "cumulative ms"],
+                      [[f"`{r['function']}`", r["calls"], _ms(r["own_s"]), _ms(r["cumulative_s"])]
+                       for r in d["profile_a8"]]))
+    return "\n".join(out)
+
+
+def _compile(c: dict) -> str:
+    out = ["\n## 3. torch.compile\n"]
+    err = _error(c)
+    if err:
+        return "\n".join(out + [err + "\n"])
+    m = c["model"]
+    out.append(f"Model n_layer {m['n_layer']}, n_embd {m['n_embd']}, batch {c['batch'][0]}x{c['batch'][1]}, "
+               f"{c['precision']}. Graph breaks of the functional step as dynamo sees them "
+               "(`torch._dynamo.explain`, no code generation):\n")
+    rows = []
+    for engine, ex in c["explain"].items():
+        if "error" in ex:
+            rows.append([engine, "-", "-", ex["error"]])
+            continue
+        reasons = "<br>".join(f"{r['reason']} ({r['at']})" for r in ex["break_reasons"]) or "none"
+        rows.append([engine, ex["graph_count"], ex["graph_break_count"], reasons])
+    out.append(_table(["engine", "graphs", "breaks", "break reasons"], rows))
+    out.append(f"\nCompiled with engine={c['compiled_engine']} (fewest breaks). Compile time (first call):\n")
+    out.append(_table(["runner", "wall s", "CPU s of this process"],
+                      [[k, f"{v['wall_s']:.1f}", f"{v['cpu_s']:.1f}"] for k, v in c["compile_time"].items()]))
+    out.append("\nStep time after compilation:\n")
+    out.append(_table(["runner", "ms"], [[k, _ms(v["s"])] for k, v in c["timings"].items()]))
+    out.append("\n" + _table(["ratio", "value", "paired"],
+                             [[k, _x(v["ratio"]), _x(v["paired_ratio"])] for k, v in c["ratios"].items()]))
+    for k, v in c.get("errors", {}).items():
+        out.append(f"\n**{k} failed**: {v}\n")
+    return "\n".join(out)
+
+
+def _memory(mem: dict) -> str:
+    out = ["\n## 4. Memory\n"]
+    err = _error(mem)
+    if err:
+        return "\n".join(out + [err + "\n"])
+    m = mem["model"]
+    measure = next((r["measure"] for r in mem["rows"] if r.get("measure")), "-")
+    source = next((r["prediction_source"] for r in mem["rows"] if r.get("prediction_source")), "-")
+    out.append(f"Model n_layer {m['n_layer']}, n_embd {m['n_embd']}, batch {mem['batch'][0]}x{mem['batch'][1]}, "
+               f"accumulation {mem.get('accum')}, one fresh process per row (CPU); measured: {measure}; "
+               f"predicted: {source}. The ledger's baseline is fp32 with an untied head (`tied` adds weight "
+               "tying). Targets: measured within 10% of predicted; all together < 40% of the baseline.\n")
+    rows = [[r["technique"], _mib(r["measured_bytes"]), _mib(r["predicted_bytes"]), r.get("predicted_phase") or "-",
+             _x(r.get("measured_over_predicted")), _ok(r.get("within_tolerance")), _x(r.get("of_baseline")),
+             _mib(r.get("process_peak_bytes")), r.get("error") or ""] for r in mem["rows"]]
+    out.append(_table(["technique", "measured MiB", "predicted MiB", "predicted peak at", "measured / predicted",
+                       "within 10%", "of baseline", "process peak MiB", "error"], rows))
+    out.append("\n`process peak`: the resident set's high-water mark over the process's resident set before "
+               "the run, which also counts allocator slack and what the first step leaves outside tensors "
+               "(kernel code, caches).\n")
+    if "all_met" in mem:
+        out.append(f"\nEvery technique at once (`{mem.get('all_row')}`) < 40% of the baseline: "
+                   f"{_ok(mem['all_met'])}.\n")
+    out.append("\nMemory hygiene (gc.collect + torch.cuda.empty_cache after every step), default allocator:\n")
+    rows = []
+    for label, h in mem["hygiene"].items():
+        after = h.get("after_step_bytes") or []
+        rows.append([label, " / ".join(_mib(b) for b in after), _mib(h.get("peak_bytes")),
+                     _mib(h.get("peak_reserved_bytes")), h.get("error") or ""])
+    out.append(_table(["hygiene", "held after each step MiB (CPU: RSS over start; CUDA: reserved)", "peak MiB",
+                       "peak reserved MiB", "error"], rows))
+    alloc = mem.get("allocator", {})
+    if "skipped" in alloc:
+        out.append(f"\nPYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: skipped ({alloc['skipped']}).\n")
+    elif alloc:
+        out.append("\nCUDA allocator settings (one process each, bf16, accumulation):\n")
+        out.append(_table(["PYTORCH_CUDA_ALLOC_CONF", "peak allocated MiB", "peak reserved MiB", "step ms", "error"],
+                          [[k, _mib(v.get("peak_bytes")), _mib(v.get("peak_reserved_bytes")),
+                            _ms(min(v["step_wall_s"][1:] or v["step_wall_s"])) if v.get("step_wall_s") else "-",
+                            v.get("error") or ""] for k, v in alloc.items()]))
+    return "\n".join(out)
+
+
+def _gpu(g: dict) -> str:
+    out = ["\n## 5. GPU: GPT-2 124M, bf16, MFU, fp16 / bf16, SDPA backend\n"]
+    err = _error(g)
+    if err:
+        return "\n".join(out + [err + "\n"])
+    peak = g.get("peak_bf16_flops")
+    out.append(f"{g['device_name']}, peak dense bf16 {peak / 1e12:.0f} TFLOPS" if peak else
+               f"{g['device_name']} (peak flops unknown: MFU not computed)")
+    out.append(f", batch {g['batch'][0]}x{g['batch'][1]}, {g['flops_per_step'] / 1e12:.2f} TFLOP per step "
+               "(nanoGPT's 6N + 12 L H Q T per token).\n")
+    bf = g.get("bf16")
+    if bf:
+        out.append(_table(["runner", "ms", "tokens/s", "MFU", "compile s"],
+                          [[k, _ms(v["s"]), f"{v['tokens_per_s']:,.0f}",
+                            "-" if v.get("mfu") is None else f"{100 * v['mfu']:.1f}%",
+                            f"{bf['compile_s'][k]:.1f}" if k in bf["compile_s"] else "-"]
+                           for k, v in bf["timings"].items()]))
+        out.append("\n" + _table(["ratio", "value"], [[k, _x(v["ratio"])] for k, v in bf["ratios"].items()]))
+    fp = g.get("fp16_vs_bf16")
+    if fp:
+        out.append("\n" + _table(["runner", "ms"], [[k, _ms(v["s"])] for k, v in fp["timings"].items()]))
+        out.append("\n" + _table(["ratio", "value"], [[k, _x(v["ratio"])] for k, v in fp["ratios"].items()]))
+    if g.get("sdpa"):
+        s = g["sdpa"]
+        out.append("\nSDPA backends (forward + backward of the model in bf16 with only that backend enabled):\n")
+        out.append(_table(["backend", "result"], [[k, v] for k, v in s.items() if k != "default_kernels"]))
+        out.append("\nAttention kernels the default dispatch ran: " +
+                   (", ".join(f"`{k}`" for k in s.get("default_kernels", [])) or "none found") + "\n")
+    for k, v in g.get("errors", {}).items():
+        out.append(f"\n**{k} failed**: {v}\n")
+    return "\n".join(out)
+
+
+def markdown(r: dict) -> str:
+    """The whole report."""
+    parts = ["# Benchmark results\n", "Generated by `benchmarks/run.py` from `results.json`.\n",
+             _meta(r["meta"], r["mode"])]
+    sp = r.get("speed")
+    if sp is not None:
+        parts.append("\n" + (_error(sp) or _speed(sp)))
+    d = r.get("diagnostics")
+    if d is not None:
+        parts.append(_error(d) or _diagnostics(d))
+    parts.append(_compile(r.get("compile", {"skipped": "not run"})))
+    if r.get("memory") is not None:
+        parts.append(_memory(r["memory"]))
+    parts.append(_gpu(r.get("gpu", {"skipped": "not run"})))
+    parts.append(findings(r))
+    return "\n".join(parts)

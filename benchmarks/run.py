@@ -1,0 +1,227 @@
+"""The benchmark: functional step against the imperative recipe, technique costs, compile, memory.
+
+Run from the repository root:
+    python benchmarks/run.py                 # full CPU run (about 5 minutes on 2 shared cores)
+    python benchmarks/run.py --quick         # a reduced run, well under a minute
+    python benchmarks/run.py --device cuda   # the CUDA run (benchmarks/gpu_check.sh calls it)
+
+Writes results.json and RESULTS.md into --out (default: this folder). Every figure in RESULTS.md
+comes from results.json; nothing is written by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+try:
+    import functional_memopt  # noqa: F401
+except ImportError:  # not installed: use the checkout this script lives in
+    sys.path.insert(1, os.path.dirname(HERE))
+
+import torch  # noqa: E402
+
+import functional_memopt as fm  # noqa: E402
+from harness import report  # noqa: E402
+from harness.spawn import emit, spawn  # noqa: E402
+from harness.timing import primary_clock  # noqa: E402
+
+MICRO = dict(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=64)  # compile section
+SMOKE = dict(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32)  # the harness's own test
+
+
+def plan_for(mode: str, device: torch.device) -> dict:
+    """What each section runs for a mode ("full", "quick", "smoke") on a device."""
+    tiny, small = fm.get_config("tiny"), fm.get_config("small")
+    micro, smoke = fm.ModelConfig(**MICRO), fm.ModelConfig(**SMOKE)
+    if device.type == "cuda":
+        gpt2 = fm.get_config("gpt2")
+        return dict(
+            speed_models=(("tiny", tiny, 8, 128, True, 2, 5), ("gpt2", gpt2, 8, 1024, False, 2, 5)),
+            precisions=("fp32", "bf16", "fp16"),
+            post_grad_cfg=gpt2, fold=(tiny, 8, 128), diag_reps=7, fold_precisions=("fp32", "bf16"),
+            memory=(gpt2, 8, 1024, 8), hygiene_steps=4, compile=None,
+            gpu=dict(preset="gpt2", rows=16, seq=1024, reps=5), budget=330)
+    if mode == "smoke":
+        return dict(speed_models=(("smoke", smoke, 8, 16, False, 1, 2),), precisions=("fp32", "bf16"),
+                    post_grad_cfg=smoke, fold=(smoke, 8, 16), diag_reps=2, fold_precisions=("fp32",),
+                    memory=(smoke, 8, 16, 4), memory_rows=2, hygiene_steps=2, compile=None, gpu=None, budget=120)
+    if mode == "quick":
+        return dict(speed_models=(("tiny", tiny, 8, 64, False, 1, 3),), precisions=("fp32", "bf16"),
+                    post_grad_cfg=tiny, fold=(tiny, 8, 64), diag_reps=3, fold_precisions=("fp32",),
+                    memory=(tiny, 16, 64, 8), memory_rows=2, hygiene_steps=2, compile=None, gpu=None, budget=50)
+    return dict(speed_models=(("tiny", tiny, 8, 128, True, 2, 7), ("small", small, 8, 128, False, 1, 3)),
+                precisions=("fp32", "bf16"), post_grad_cfg=small, fold=(tiny, 8, 128), diag_reps=7,
+                fold_precisions=("fp32", "bf16"), memory=(tiny, 32, 128, 8), hygiene_steps=4,
+                compile=(micro, 4, 64, 5), gpu=None, budget=540)
+
+
+def machine_info(device: torch.device, threads: int, clock: str, argv: list[str]) -> dict:
+    """Machine, versions, date and command of this run (no host names or paths)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = dict(cpu=cpu, cpu_count=os.cpu_count(), machine=platform.machine(), system=platform.system(),
+                python=platform.python_version(), torch=torch.__version__, device=device.type, threads=threads,
+                clock=clock, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                command="python benchmarks/run.py" + "".join(" " + shlex.quote(a) for a in argv),
+                cpu_capability=torch.backends.cpu.get_cpu_capability())
+    try:
+        info["load_average_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def guarded(results: dict, key: str, fn, log) -> None:
+    """``results[key] = fn()``, or the error, so one failing section never ends the benchmark."""
+    try:
+        results[key] = fn()
+    except Exception as err:  # recorded in the results and the report
+        import traceback
+
+        log(f"{key}: FAILED {type(err).__name__}: {err}")
+        results[key] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a reduced run, well under a minute on the CPU")
+    parser.add_argument("--smoke", action="store_true", help="a microscopic run that checks the harness only")
+    parser.add_argument("--out", default=HERE, help="folder for results.json and RESULTS.md (default: benchmarks/)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: 1 on the CPU, so CPU time measures work alone)")
+    parser.add_argument("--budget-s", type=float, default=None, help="time budget; late sections shrink or skip")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated sections to skip: speed,diagnostics,memory,compile,gpu")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return run_worker(args.worker, json.loads(args.spec))
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here; run on the CPU or on a GPU machine.")
+    threads = args.threads or (1 if device.type == "cpu" else min(8, os.cpu_count() or 1))
+    torch.set_num_threads(threads)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    plan = plan_for(mode, device)
+    budget = args.budget_s or plan["budget"]
+    start = time.monotonic()
+    deadline = start + budget
+    clock = primary_clock(device, threads)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    results = {"meta": machine_info(device, threads, clock, argv), "mode": mode, "budget_s": budget}
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - start:6.1f} s] {msg}", flush=True)
+
+    def speed():
+        from harness.speed import SpeedPlan, run_speed
+
+        share = 0.45 if device.type == "cpu" else 0.25
+        return run_speed(SpeedPlan(plan["speed_models"], plan["precisions"]), device=device, clock=clock,
+                         deadline=time.monotonic() + share * budget, log=log)
+
+    def diagnostics():
+        from harness.diagnose import run_diagnostics
+
+        cfg_fold, rows, seq = plan["fold"]
+        batch = fm.sample_batch(fm.load_corpus(), rows, seq, seed=0, index=0, device=device)
+        return run_diagnostics(plan["post_grad_cfg"], cfg_fold, batch, reps=plan["diag_reps"],
+                               precisions=plan["fold_precisions"], device=device, clock=clock, log=log)
+
+    def memory():
+        from harness.memory import run_memory
+
+        cfg_mem, rows, seq, accum = plan["memory"]
+        return run_memory(cfg_mem, rows, seq, accum=accum, device=device, threads=threads,
+                          hygiene_steps=plan["hygiene_steps"], max_rows=plan.get("memory_rows"),
+                          timeout=max(60.0, deadline - time.monotonic()), log=log)
+
+    def gpu():
+        if not plan["gpu"]:
+            return {"skipped": "needs a CUDA device (python benchmarks/run.py --device cuda)"}
+        left = deadline - time.monotonic()
+        log(f"gpu: starting in a fresh process ({left:.0f} s left)")
+        # The GPU figures matter most on a GPU machine, so they run first there and get most of the budget.
+        return spawn("gpu", dict(plan["gpu"], threads=threads), timeout=max(120.0, 0.6 * left))
+
+    def compile_():
+        if not plan["compile"]:
+            why = {"smoke": "--smoke", "quick": "--quick"}.get(mode, "on CUDA the gpu section compiles GPT-2")
+            return {"skipped": why}
+        left = deadline - time.monotonic()
+        if left < 45:
+            return {"skipped": f"time budget: {left:.0f} s left of {budget:.0f} s"}
+        cfg_c, rows, seq, reps = plan["compile"]
+        log(f"compile: starting in a fresh process ({left:.0f} s left)")
+        spec = dict(cfg=cfg_c.to_dict(), rows=rows, seq=seq, reps=reps, device=device.type, threads=threads,
+                    precision="fp32")
+        return spawn("compile", spec, timeout=left)
+
+    sections = {"speed": speed, "diagnostics": diagnostics, "memory": memory, "gpu": gpu, "compile": compile_}
+    order = ["gpu", "speed", "diagnostics", "memory", "compile"] if device.type == "cuda" else list(sections)
+    for name in order:
+        if name in skip:
+            results[name] = {"skipped": "--skip"}
+        else:
+            guarded(results, name, sections[name], log)
+    results["meta"]["elapsed_s"] = time.monotonic() - start
+    scrub = {os.path.dirname(HERE) + os.sep: "", sys.prefix: "<python>", os.path.abspath(args.out): "<out>",
+             os.path.expanduser("~"): "~"}
+    results = report.jsonable(results, scrub)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
+        f.write(report.markdown(results))
+    log(f"wrote {os.path.join(args.out, 'results.json')} and RESULTS.md")
+    return 0
+
+
+def run_worker(task: str, spec: dict) -> int:
+    """The body of a fresh process started by harness.spawn: one task, its JSON result on stdout."""
+    torch.set_num_threads(spec.get("threads", 1))
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if task == "memory":
+        from harness.memory import memory_worker
+
+        emit(memory_worker(spec))
+    elif task == "compile":
+        from harness.compiled import compile_benchmark
+        from harness.timing import primary_clock as clock_for
+
+        device = torch.device(spec["device"])
+        cfg = fm.ModelConfig.from_dict(spec["cfg"])
+        batch = fm.sample_batch(fm.load_corpus(), spec["rows"], spec["seq"], seed=0, index=0, device=device)
+        emit(compile_benchmark(cfg, batch, precision=spec["precision"], reps=spec["reps"], device=device,
+                               clock=clock_for(device, spec["threads"]), log=log, emit=emit))
+    elif task == "gpu":
+        from harness.gpu import gpu_benchmark
+
+        emit(gpu_benchmark(spec, log, emit=emit))
+    else:
+        raise SystemExit(f"run.py --worker: unknown task {task!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
