@@ -108,9 +108,25 @@ from ._distributed import load_distributed_checkpoint as load_distributed_checkp
 from ._zero import data_parallel as data_parallel
 from ._zero import FlatLayout as FlatLayout
 from ._zero import flat_layout as flat_layout
+from ._ledger import MemoryPrediction as MemoryPrediction
+from ._ledger import MemorySettings as MemorySettings
+from ._ledger import ablation as ablation
+from ._ledger import predict_memory as predict_memory
+from ._ledger import saved_activation_bytes as saved_activation_bytes
+from ._memory import MemoryMeasurement as MemoryMeasurement
+from ._memory import TensorMemoryTracker as TensorMemoryTracker
+from ._memory import measure_memory as measure_memory
+from ._memory import untied_loss_fn as untied_loss_fn
+from ._memory import untied_params as untied_params
+from ._memory import with_memory_hygiene as with_memory_hygiene
+from ._memory_cli import ablation_report as ablation_report
+from ._memory_cli import format_table as format_table
+from ._memory_cli import plot_ablation as plot_ablation
 
 __all__ = [
     "__version__",
+    "ablation",
+    "ablation_report",
     "accumulate_gradients",
     "adamw",
     "all_finite",
@@ -141,6 +157,7 @@ __all__ = [
     "encode",
     "flat_layout",
     "FlatLayout",
+    "format_table",
     "generate",
     "get_config",
     "get_policy",
@@ -165,6 +182,10 @@ __all__ = [
     "make_data_parallel_step",
     "make_loss_fn",
     "make_train_step",
+    "measure_memory",
+    "MemoryMeasurement",
+    "MemoryPrediction",
+    "MemorySettings",
     "ModelConfig",
     "no_op_loss_scale",
     "NoOpLossScale",
@@ -174,8 +195,10 @@ __all__ = [
     "Parallelism",
     "param_shapes",
     "params_from_gpt2_state_dict",
+    "plot_ablation",
     "Policy",
     "positions_from_segments",
+    "predict_memory",
     "PRESETS",
     "RankFailed",
     "relative_error",
@@ -187,6 +210,7 @@ __all__ = [
     "save_distributed_checkpoint",
     "save_gpt2",
     "save_params",
+    "saved_activation_bytes",
     "ScaleByAdamState",
     "sgd",
     "SgdState",
@@ -196,6 +220,7 @@ __all__ = [
     "static_loss_scale",
     "StaticLossScale",
     "summarize_gradients",
+    "TensorMemoryTracker",
     "tolerance",
     "train_val_split",
     "TrainState",
@@ -211,8 +236,11 @@ __all__ = [
     "tree_sub",
     "tree_unflatten_from_paths",
     "tree_zeros_like",
+    "untied_loss_fn",
+    "untied_params",
     "update_params",
     "value_and_grad",
     "warmup_cosine",
+    "with_memory_hygiene",
     "with_policy",
 ]

@@ -5,7 +5,8 @@ Every activation term is counted from what the model's pure functions save for t
 exact). Per block, with N = micro-batch tokens, C = width, H = mlp width, h = heads, in bytes of the
 compute dtype ``cs`` (layer-norm statistics in ``sb``: the compute dtype on the CPU, float32 on CUDA)::
 
-    x, ln_1 out, qkv (3C), attention out, x + attn, ln_2 out, c_fc out (H), gelu out (H)
+    x, ln_1 out, qkv (3C), attention out, x + attn, ln_2 out, c_fc out (H), gelu out (H), and
+    the mean and rstd of both layer norms
     = N * ((8C + 2H) * cs + 4 * sb + 4h)        # 4h: SDPA's float32 log-sum-exp per head
 
 A rematerialised block keeps only its input (N * C * cs); its activations come back, one block at a
@@ -17,7 +18,9 @@ The step does not hold every item at once, so the total is a peak over moments, 
 start of the backward (all activations, the logits' buffers, no gradients yet), each block's
 backward (fewer activations, more finished gradients), and the optimizer update (gradients, AdamW's
 new moments and temporaries, no activations). This models ``make_train_step`` with the default
-``engine="autograd"``; ``engine="func"`` keeps every saved tensor until the backward ends.
+``engine="autograd"``. ``engine="func"`` differentiates with ``create_graph=True`` (inside
+``torch.func.grad_and_value``), which keeps every saved tensor until the backward ends: 1.7x the
+autograd peak on a small model, not modelled here.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from ._model import param_shapes
 from ._precision import get_policy
 from ._remat import remat_layers
 
-__all__ = ["MemorySettings", "MemoryPrediction", "predict_memory", "ablation", "ITEMS", "block_saved_bytes"]
+__all__ = ["MemorySettings", "MemoryPrediction", "predict_memory", "ablation", "ITEMS", "block_saved_bytes",
+           "saved_activation_bytes"]
 
 ITEMS = ("params", "compute_params", "gradients", "optimizer", "accumulator", "activations", "logits",
          "update", "batch")
@@ -82,10 +86,42 @@ def block_saved_bytes(cfg: ModelConfig, tokens: int, *, compute_bytes: int, stat
 
     Example:
         >>> block_saved_bytes(ModelConfig(n_embd=32, n_head=4), 10, compute_bytes=4, stat_bytes=4)
-        25760
+        20800
     """
     C, H = cfg.n_embd, cfg.mlp_ratio * cfg.n_embd
     return tokens * ((8 * C + 2 * H) * compute_bytes + 4 * stat_bytes + 4 * cfg.n_head)
+
+
+class _Saved(NamedTuple):
+    kept: list  # bytes each block keeps through the forward (its input alone under remat)
+    full: int  # bytes one block saves without remat
+    head: int  # final layer norm's input, statistics and output
+    loss: int  # per-token loss weights, position ids, the NLL's total weight
+    log_softmax: int  # the cross-entropy's saved float32 log-probabilities
+
+
+def _saved(cfg, batch_size, seq_len, *, cb: int, sb: int, chosen) -> _Saved:
+    N, C = batch_size * seq_len, cfg.n_embd
+    full = block_saved_bytes(cfg, N, compute_bytes=cb, stat_bytes=sb)
+    kept = [N * C * cb if i in chosen else full for i in range(cfg.n_layer)]
+    return _Saved(kept, full, N * (2 * C * cb + 2 * sb), N * 4 + seq_len * 8 + 4, N * cfg.vocab_size * max(cb, 4))
+
+
+def saved_activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int, *,
+                           compute_dtype: torch.dtype = torch.float32, remat: Any = None, device: str = "cpu") -> int:
+    """Bytes the forward of ``loss_fn`` saves for backward, beyond the params and the batch.
+
+    The sum of what every block keeps, the final norm, the loss's per-token vectors and the
+    float32 log-softmax; the count that tests/test_ledger.py checks against saved-tensor hooks.
+
+    Example:
+        >>> saved_activation_bytes(ModelConfig(n_layer=2), 4, 32) > 0
+        True
+    """
+    sb = 4 if device == "cuda" else _dtype_bytes(compute_dtype)
+    sv = _saved(cfg, batch_size, seq_len, cb=_dtype_bytes(compute_dtype), sb=sb,
+                chosen=remat_layers(remat, cfg.n_layer))
+    return sum(sv.kept) + sv.head + sv.loss + sv.log_softmax
 
 
 def _check(cfg, batch_size, seq_len, s: MemorySettings, device) -> None:
@@ -137,16 +173,16 @@ def predict_memory(cfg: ModelConfig, *, batch_size: int, seq_len: int, device: s
     chosen = remat_layers(s.remat, cfg.n_layer)
     pb, cb = _dtype_bytes(pol.param_dtype), _dtype_bytes(pol.compute_dtype)
     gb = max(pb, 4)  # the fold hands the optimizer float32 (or wider) gradients
-    sb = 4 if device == "cuda" else cb
-    lb = max(cb, 4)  # the loss runs in float32 (float64 for float64 logits)
     C, V, L = cfg.n_embd, cfg.vocab_size, cfg.n_layer
+    H = cfg.mlp_ratio * C
 
     shapes = param_shapes(cfg)
     n_blk = sum(math.prod(v) for k, v in shapes.items() if k.startswith("h.0."))
     n_head = math.prod(shapes["wte"]) + sum(math.prod(v) for k, v in shapes.items() if k.startswith("ln_f"))
     n_head += 0 if s.tied else V * C
     n_params = sum(math.prod(v) for v in shapes.values()) + (0 if s.tied else V * C)
-    n_wpe = math.prod(shapes["wpe"])
+    n_mlp_out = math.prod(shapes["h.0.mlp.c_proj.weight"]) + (C if cfg.bias else 0)
+    n_ln = 2 * C if cfg.bias else C
     shard = lambda n: -(-n // s.world_size)  # noqa: E731  ceil: ZeRO pads the flat vector to N slices
 
     params = n_params * pb
@@ -160,48 +196,42 @@ def predict_memory(cfg: ModelConfig, *, batch_size: int, seq_len: int, device: s
     update = n_upd * pb * (1 if s.donate else 4)
     batch = batch_size * seq_len * (8 + 8 + 4)
 
-    N = (batch_size // s.accum_steps) * seq_len
-    H = cfg.mlp_ratio * C
-    full = block_saved_bytes(cfg, N, compute_bytes=cb, stat_bytes=sb)
-    x_in = N * C * cb
-    kept = [x_in if i in chosen else full for i in range(L)]
+    b = batch_size // s.accum_steps
+    N = b * seq_len
+    sv = _saved(cfg, b, seq_len, cb=cb, sb=4 if device == "cuda" else cb, chosen=chosen)
     # A block's backward peaks at its MLP (the gelu gradients) or at its attention (the q, k, v
-    # gradients, with most of the block's weight gradients done). Under remat the recompute's vjp
-    # also holds every recomputed tensor and the block's output until the block is finished.
-    n_mlp_out = math.prod(shapes["h.0.mlp.c_proj.weight"]) + (C if cfg.bias else 0)
-    n_ln = 2 * C if cfg.bias else C
-    attn_saved = N * (6 * C * cb + 2 * sb + 4 * cfg.n_head)  # x, ln_1 out, qkv, attention out
-    points = {  # (activation bytes, the block's own finished gradient elements)
-        True: [(full + (2 * N * H + 2 * N * C) * cb, n_mlp_out), (full + 7 * N * C * cb, n_blk - n_ln)],
-        False: [(full + (N * H + N * C) * cb, n_mlp_out), (attn_saved + 6 * N * C * cb, n_blk - n_ln)],
+    # gradients, most of the block's weight gradients done). Under remat the recompute's vjp also
+    # holds every recomputed tensor and the block's output until the block is finished.
+    attn_saved = N * (6 * C * cb + 2 * (4 if device == "cuda" else cb) + 4 * cfg.n_head)
+    points = {  # remat? -> [(activation bytes, the block's own finished gradient elements)]
+        True: [(sv.full + (2 * N * H + 2 * N * C) * cb, n_mlp_out), (sv.full + 7 * N * C * cb, n_blk - n_ln)],
+        False: [(sv.full + (N * H + N * C) * cb, n_mlp_out), (attn_saved + 6 * N * C * cb, n_blk - n_ln)],
     }
-    head_saved = N * (2 * C * cb + 2 * sb)
-    loss_vectors = N * 4 + seq_len * 8  # the loss weight per token, the position ids
-    logits = 3 * lb * N * V
-    recompute = max((a - x_in for i in chosen for a, _ in points[True]), default=0)
-    activations = sum(kept) + head_saved + loss_vectors + recompute
+    logits = 3 * sv.log_softmax  # saved log-softmax, NLL gradient, log-softmax gradient
+    forward = sum(sv.kept) + sv.head + sv.loss
+    recompute = max((a - N * C * cb for i in chosen for a, _ in points[True]), default=0)
 
     static = {"params": params, "optimizer": optimizer, "batch": batch}
-    moments = {"loss": {**static, "compute_params": compute - n_wpe * cb * bool(compute),
-                        "accumulator": accumulator, "activations": sum(kept) + head_saved + loss_vectors,
-                        "logits": logits}}
+    # The wpe copy is only read by an embedding, which saves indices, so it is gone by the loss.
+    moments = {"loss": {**static, "compute_params": compute - (math.prod(shapes["wpe"]) * cb if compute else 0),
+                        "accumulator": accumulator, "activations": forward, "logits": logits}}
     # Block j's backward: blocks below still hold their saved tensors; the head and the blocks
-    # above are done, so their gradients (at param dtype until the fold) exist and their compute
-    # copies are gone.
+    # above are done, so their compute copies are gone and their gradients exist, in the compute
+    # dtype: the casts back to the param dtype were recorded first, so autograd runs them last.
     for j in range(L - 1, -1, -1):
         for a, own in points[j in chosen]:
-            name = f"block {j}"
             moment = {**static, "compute_params": cc_blk * (j + 1), "accumulator": accumulator,
-                      "activations": sum(kept[:j]) + a + seq_len * 8,
-                      "gradients": (n_head + (L - 1 - j) * n_blk + own) * pb}
-            if name not in moments or sum(moment.values()) > sum(moments[name].values()):
-                moments[name] = moment
+                      "activations": sum(sv.kept[:j]) + a + seq_len * 8,
+                      "gradients": (n_head + (L - 1 - j) * n_blk + own) * cb}
+            if sum(moment.values()) > sum(moments.get(f"block {j}", {}).values()):
+                moments[f"block {j}"] = moment
     # A half-precision param dtype adds the gradients cast back from the float32 fold.
     moments["update"] = {**static, "gradients": grads + (n_params * pb if pb < 4 else 0), "update": update}
     phase = max(moments, key=lambda k: sum(moments[k].values()))
     peak = {k: v for k, v in moments[phase].items() if v}
-    return MemoryPrediction(params, compute, grads, optimizer, accumulator, activations, logits, update, batch,
-                            sum(peak.values()), phase, peak, {k: sum(v.values()) for k, v in moments.items()}, s)
+    return MemoryPrediction(params, compute, grads, optimizer, accumulator, forward + recompute, logits, update,
+                            batch, sum(peak.values()), phase, peak,
+                            {k: sum(v.values()) for k, v in moments.items()}, s)
 
 
 def ablation(cfg: ModelConfig, batch_size: int, seq_len: int, *, policy: str = "mixed_bf16",
@@ -227,6 +257,10 @@ def ablation(cfg: ModelConfig, batch_size: int, seq_len: int, *, policy: str = "
         >>> [name for name, _ in rows][0], rows[-1][1].total < rows[0][1].total
         ('baseline', True)
     """
+    for name, value, low in (("accum_steps", accum_steps, 1), ("world_size", world_size, 1),
+                             ("zero_stage", zero_stage, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"ablation: {name} must be an integer >= {low}, got {value!r}.")
     base = MemorySettings(policy="fp32", tied=False)
     alone = [(f"{policy}", {"policy": policy})]
     if accum_steps > 1:

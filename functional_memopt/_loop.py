@@ -127,28 +127,12 @@ class _CtrlC:
 
 
 def _hygiene(step, every: int, device: torch.device):
-    """Memory hygiene every ``every`` steps: the _memory wrapper when present, else gc + cache clearing."""
+    """Memory hygiene (gc, and CUDA cache clearing) every ``every`` steps; 0 leaves the step as is."""
     if every <= 0:
         return step
-    try:
-        from ._memory import with_hygiene  # type: ignore[attr-defined]
+    from ._memory import with_memory_hygiene
 
-        return with_hygiene(step, every=every)
-    except ImportError:
-        import gc
-
-        calls = [0]
-
-        def wrapped(state, batch):
-            out = step(state, batch)
-            calls[0] += 1
-            if calls[0] % every == 0:
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            return out
-
-        return wrapped
+    return with_memory_hygiene(step, gc_every=every, empty_cache=device.type == "cuda", stats=False)
 
 
 def evaluate(params: Any, cfg: ModelConfig, policy, batches: list, *, info: DistInfo | None = None) -> float:
