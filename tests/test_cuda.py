@@ -1,0 +1,77 @@
+"""Checks that need a CUDA device (skipped elsewhere; run by benchmarks/gpu_check.sh)."""
+
+import pytest
+import torch
+
+import functional_memopt as fm
+from functional_memopt import testing
+
+pytestmark = pytest.mark.cuda
+
+CFG = fm.ModelConfig(vocab_size=256, block_size=256, n_layer=2, n_head=4, n_embd=256)  # head_dim 64
+
+
+def _batch(B=4, T=256, device="cuda"):
+    return fm.sample_batch(fm.load_corpus(), B, T, seed=0, index=0, device=device)
+
+
+def test_the_flash_kernel_serves_causal_attention_and_agrees_with_the_math_kernel():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    params = fm.init_params(CFG, seed=0, dtype=torch.bfloat16, device="cuda")
+    tokens = _batch().tokens
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # raises if flash cannot serve this call
+        flash = fm.apply(params, tokens, CFG)
+    with sdpa_kernel([SDPBackend.MATH]):
+        math = fm.apply(params, tokens, CFG)
+    torch.testing.assert_close(flash.float(), math.float(), rtol=0.05, atol=0.05)
+
+
+def test_padding_masks_run_on_the_memory_efficient_kernel():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    params = fm.init_params(CFG, seed=0, dtype=torch.bfloat16, device="cuda")
+    batch = _batch()
+    mask = torch.ones_like(batch.tokens, dtype=torch.bool)
+    mask[:, 200:] = False
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        logits = fm.apply(params, batch.tokens, CFG, attention_mask=mask)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("policy", ["mixed_bf16", "mixed_fp16"])
+def test_a_half_precision_cuda_step_tracks_the_fp32_cpu_step(policy):
+    opt = fm.adamw(1e-3)
+    params = fm.init_params(CFG, seed=0)
+    ref_state = fm.init_train_state(params, opt)
+    ref, ref_m = fm.make_train_step(CFG, opt, accum_steps=2)(ref_state, _batch(device="cpu"))
+    ls = fm.dynamic_loss_scale(device="cuda") if policy == "mixed_fp16" else None
+    state = fm.init_train_state(fm.tree_map(lambda x: x.cuda(), params), opt, loss_scale=ls)
+    new, m = fm.make_train_step(CFG, opt, policy=policy, accum_steps=2)(state, _batch())
+    assert not bool(m["skipped"])
+    assert abs(float(m["loss"]) - float(ref_m["loss"])) < 1e-2 * float(ref_m["loss"])
+    testing.assert_trees_close(fm.tree_map(lambda x: x.cpu(), new.params), ref.params, rtol=0, atol=2.1e-3)
+
+
+def test_remat_lowers_the_cuda_peak():
+    opt = fm.sgd(0.1)
+    peaks = {}
+    for remat in (None, "all"):
+        state = fm.init_train_state(fm.init_params(CFG, seed=0, device="cuda"), opt)
+        step = fm.make_train_step(CFG, opt, remat=remat)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step(state, _batch(B=8))
+        torch.cuda.synchronize()
+        peaks[remat] = torch.cuda.max_memory_allocated()
+        del state, step
+        torch.cuda.empty_cache()
+    assert peaks["all"] < 0.8 * peaks[None]
+
+
+def test_params_saved_from_cuda_load_back_on_cuda(tmp_path):
+    params = fm.init_params(CFG, seed=0, device="cuda")
+    fm.save_params(tmp_path / "p.safetensors", params, CFG, dtype=torch.bfloat16)
+    loaded, cfg = fm.load_params(tmp_path / "p.safetensors", device="cuda")
+    assert cfg == CFG and loaded["wte"].device.type == "cuda"
+    testing.assert_trees_equal(loaded, fm.tree_cast(fm.tree_cast(params, torch.bfloat16), torch.float32))
