@@ -2,7 +2,8 @@
 
 ``update`` maps gradients to *updates* that :func:`apply_updates` adds to the params, so optimizers
 return the negative step. Hyper-parameters live in the factory's closure; the state holds tensors
-only. The arithmetic runs as multi-tensor ``torch._foreach_*`` ops over the flat leaf lists.
+only. The arithmetic runs as multi-tensor ``torch._foreach_*`` ops over the flat leaf lists, and
+for AdamW as torch's fused kernel where it can (see ``_adamw.py``).
 
 Inputs are never written to, unless the caller passes ``donate=True``: then the state, the updates
 and (in :func:`apply_updates`) the params are updated in place and the same tensor objects come
@@ -23,6 +24,7 @@ from typing import Any, Callable, NamedTuple, Union
 import optree
 import torch
 
+from ._adamw import adamw_update
 from ._tree import tree_global_norm
 
 __all__ = [
@@ -121,6 +123,14 @@ def _scalar_op(name: str, xs: list, s, *, inplace: bool) -> list:
         if not inplace:
             for i, r in zip(idx, res):
                 out[i] = r
+    return out
+
+
+def _mul_into(out: list, xs: list, s) -> list:
+    """``out[i] = xs[i] * s``, with ``s`` cast as :func:`_scalar_op` casts it (so the bits match)."""
+    cast: dict = {}
+    for o, x in zip(out, xs):
+        torch.mul(x, cast.setdefault(x.dtype, s.to(x.dtype)) if isinstance(s, torch.Tensor) else s, out=o)
     return out
 
 
@@ -244,7 +254,8 @@ def sgd(learning_rate: LearningRate, *, momentum: float = 0.0, nesterov: bool = 
                 raise ValueError("sgd: weight_decay > 0 needs the params; call update(updates, state, params).")
             g = _add(g, _flatten_like("sgd", params, spec, "params"), weight_decay, inplace=owned)
             owned = True
-        buf = None
+        buf, lr = None, _lr_at(learning_rate, state.count)
+        u = None
         if momentum != 0:
             buf = _flatten_like("sgd", state.momentum, spec, "state.momentum")
             buf = _scalar_op("mul", buf, momentum, inplace=donate)
@@ -252,12 +263,12 @@ def sgd(learning_rate: LearningRate, *, momentum: float = 0.0, nesterov: bool = 
             if nesterov:
                 g = _add(g, buf, momentum, inplace=owned)
                 owned = True
-            elif owned:  # the update goes into buffers we own; buf itself lives on in the state
-                torch._foreach_copy_(g, buf)
+            elif owned:  # -lr * buf goes straight into the buffers we own; buf lives on in the state
+                u = _mul_into(g, buf, -lr)
             else:
                 g = buf
-        lr = _lr_at(learning_rate, state.count)
-        u = _scalar_op("mul", g, -lr, inplace=owned)
+        if u is None:
+            u = _scalar_op("mul", g, -lr, inplace=owned)
         mom = None if buf is None else optree.tree_unflatten(spec, buf)
         return optree.tree_unflatten(spec, u), SgdState(_next_count(state.count, donate), mom)
 
@@ -286,8 +297,11 @@ def adamw(learning_rate: LearningRate, *, b1: float = 0.9, b2: float = 0.999, ep
     With ``t = count + 1`` and ``lr = lr(count)``: ``mu = lerp(mu, g, 1 - b1)``,
     ``nu = b2 * nu + (1 - b2) * g * g``, and the update is
     ``-(lr / (1 - b1**t)) * mu / (sqrt(nu) / sqrt(1 - b2**t) + eps) + (p * (1 - lr * wd) - p)``,
-    the last term only on leaves selected by ``mask``; ``p + update`` is torch's
-    ``p *= 1 - lr * wd`` followed by its Adam step, up to the rounding of one addition.
+    the last term only on leaves selected by ``mask``. On CPU and CUDA (contiguous gradients and
+    state) one pass of ``torch.optim.AdamW(fused=True)``'s kernel computes it, and ``p + update``
+    is that kernel's step bit for bit unless a value moves by more than a factor of two; elsewhere
+    (and under ``torch.compile``) multi-tensor ops in the order of torch's ``foreach`` step with
+    ``capturable=True`` do, up to the rounding of one subtraction.
 
     Args:
         learning_rate: a number >= 0 or a schedule ``count -> lr`` (count = updates already applied).
@@ -315,16 +329,16 @@ def adamw(learning_rate: LearningRate, *, b1: float = 0.9, b2: float = 0.999, ep
     _check(fn, "eps", eps, _POS, "a finite number > 0")
     _check(fn, "weight_decay", weight_decay, _NONNEG, "a finite number >= 0")
 
-    def decayed(params, spec) -> list[int]:
+    def decayed(params, spec) -> set[int]:
         """Indices of the leaves that get weight decay."""
         if weight_decay == 0:
-            return []
+            return set()
         if params is None:
             raise ValueError("adamw: weight_decay > 0 needs the params; call update(updates, state, params).")
         if mask is None:
-            return list(range(spec.num_leaves))
+            return set(range(spec.num_leaves))
         m = mask(params) if callable(mask) else mask
-        return [i for i, keep in enumerate(_flatten_like(fn, m, spec, "mask")) if keep]
+        return {i for i, keep in enumerate(_flatten_like(fn, m, spec, "mask")) if keep}
 
     def init(params):
         zeros = lambda: optree.tree_map(torch.zeros_like, params)  # noqa: E731
@@ -335,40 +349,13 @@ def adamw(learning_rate: LearningRate, *, b1: float = 0.9, b2: float = 0.999, ep
         mu = _flatten_like(fn, state.mu, spec, "state.mu")
         nu = _flatten_like(fn, state.nu, spec, "state.nu")
         idx = decayed(params, spec)
+        p = _flatten_like(fn, params, spec, "params") if idx else None
         lr = _lr_at(learning_rate, state.count)
         count = _next_count(state.count, donate)
-        # Bias corrections as torch computes them, in double precision, but on the device.
-        t = count.to(torch.float64)
-        step_size = -(lr / (1 - torch.pow(b1, t)))
-        bc2_sqrt = torch.sqrt(1 - torch.pow(b2, t))
-        if donate:
-            torch._foreach_lerp_(mu, g, 1 - b1)
-            torch._foreach_mul_(nu, b2)
-        else:
-            mu = list(torch._foreach_lerp(mu, g, 1 - b1))
-            nu = list(torch._foreach_mul(nu, b2))
-        torch._foreach_addcmul_(nu, g, g, 1 - b2)
-        denom = _scalar_op("div", list(torch._foreach_sqrt(nu)), bc2_sqrt, inplace=True)
-        torch._foreach_add_(denom, eps)
-        if donate:  # g is no longer needed: the update is written into it
-            torch._foreach_copy_(g, mu)
-            torch._foreach_div_(g, denom)
-            u = g
-        else:
-            u = list(torch._foreach_div(mu, denom))
-        del denom  # free the temporary before the decay term allocates its own
-        u = _scalar_op("mul", u, step_size, inplace=True)
-        if idx:
-            p = _flatten_like(fn, params, spec, "params")
-            p, ud = [p[i] for i in idx], [u[i] for i in idx]
-            # Add round(p * (1 - lr * wd)) - p, which is exact (Sterbenz, lr * wd <= 0.5), so that
-            # p + update rounds like torch's ``p.mul_(1 - lr * wd)`` then Adam step. The one-pass
-            # -lr * wd * p drifts from torch by rounding noise that reaches ~1e-6 in 50 steps.
-            decay = _scalar_op("mul", p, 1 - lr * weight_decay, inplace=False)
-            torch._foreach_sub_(decay, p)
-            torch._foreach_add_(ud, decay)
-        return optree.tree_unflatten(spec, u), ScaleByAdamState(
-            count, optree.tree_unflatten(spec, mu), optree.tree_unflatten(spec, nu))
+        u, mu, nu = adamw_update(g, mu, nu, p, idx, count, lr, b1=b1, b2=b2, eps=eps,
+                                 weight_decay=weight_decay, donate=donate)
+        unflat = lambda xs: optree.tree_unflatten(spec, xs)  # noqa: E731
+        return unflat(u), ScaleByAdamState(count, unflat(mu), unflat(nu))
 
     return GradientTransformation(init, update)
 

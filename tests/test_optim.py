@@ -19,6 +19,7 @@ from functional_memopt._optim import (
     decay_mask,
     sgd,
 )
+from functional_memopt._adamw import _fusable
 from functional_memopt._schedules import warmup_cosine
 from functional_memopt.testing import assert_trees_close, assert_trees_equal
 
@@ -124,6 +125,76 @@ def test_adamw_with_a_decay_mask_matches_torch_param_groups(as_callable):
         assert_trees_close(unmasked, ref, **TOL)
 
 
+def away_from_zero_params(seed):
+    """Like make_params, with every |value| >= 1: no value moves by a factor of two in a step."""
+    return optree.tree_map(lambda x: x.sign() * (1 + x.abs()), make_params(seed))
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all-decay", "masked"])
+def test_adamw_steps_exactly_as_torch_fused_adamw_when_no_value_moves_by_a_factor_of_two(masked):
+    params = away_from_zero_params(13)
+    flags = optree.tree_map(lambda x: x.dim() >= 2, params) if masked else None
+    ours, state = run_functional(adamw(1e-2, weight_decay=0.1, mask=flags), params, steps=20)
+
+    def make(leaves):
+        keep = optree.tree_leaves(flags) if masked else [True] * len(leaves)
+        groups = [{"params": [p for p, k in zip(leaves, keep) if k], "weight_decay": 0.1},
+                  {"params": [p for p, k in zip(leaves, keep) if not k], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=1e-2, fused=True)
+
+    ref, opt, leaves = run_torch(make, params, steps=20)
+    spec = optree.tree_structure(params)
+    assert_trees_equal(ours, ref)
+    assert_trees_equal(state.mu, optree.tree_unflatten(spec, [opt.state[p]["exp_avg"] for p in leaves]))
+    assert_trees_equal(state.nu, optree.tree_unflatten(spec, [opt.state[p]["exp_avg_sq"] for p in leaves]))
+
+
+def strided_grads(params, step):
+    """random_grads with the dims of every matrix laid out in reverse: same values, not contiguous."""
+
+    def relayout(x):
+        rev = tuple(reversed(range(x.dim())))
+        return x.permute(rev).contiguous().permute(rev)
+
+    return optree.tree_map(relayout, random_grads(params, step))
+
+
+def test_adamw_on_non_contiguous_gradients_takes_the_multi_tensor_route_and_matches_torch():
+    params = make_params(17)
+    g = strided_grads(params, 0)
+    zw, zb = torch.zeros_like(params["w"]), torch.zeros_like(params["b"])
+    assert not _fusable(g["w"], zw, zw, params["w"]) and _fusable(g["b"], zb, zb, params["b"])
+    flags = {"w": True, "b": False, "scalar": False, "block": [{"k": True}, {"k": False}]}
+    opt = adamw(1e-2, weight_decay=0.1, mask=flags)
+    state, ours = opt.init(params), params
+    for i in range(STEPS):
+        updates, state = opt.update(strided_grads(params, i), state, ours)
+        ours = apply_updates(ours, updates)
+
+    def make(leaves):
+        keep = optree.tree_leaves(flags)
+        groups = [{"params": [p for p, k in zip(leaves, keep) if k], "weight_decay": 0.1},
+                  {"params": [p for p, k in zip(leaves, keep) if not k], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=1e-2, foreach=True)
+
+    ref, _, _ = run_torch(make, params)
+    assert_trees_close(ours, ref, **TOL)
+
+
+def test_adamw_compiles_and_the_compiled_step_stays_close_to_eager():
+    # The fused kernel's in-place writes cannot be functionalized: compiled code takes the foreach route.
+    params, opt = make_params(19), adamw(1e-2, weight_decay=0.1)
+
+    def step(grads, state, params):
+        updates, state = opt.update(grads, state, params)
+        return apply_updates(params, updates), state
+
+    grads = random_grads(params, 0)
+    eager = step(grads, opt.init(params), params)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(grads, opt.init(params), params)
+    assert_trees_close(compiled, eager, **TOL)
+
+
 def test_decay_mask_selects_exactly_the_linear_weights_of_the_model():
     cfg = fm.ModelConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8)
     flat = fm.tree_flatten_with_paths(decay_mask(fm.init_params(cfg)))
@@ -213,6 +284,10 @@ def test_chain_of_clip_and_adamw_equals_applying_them_by_hand():
 TRANSFORMS = {
     "adamw": lambda: adamw(1e-2, weight_decay=0.1),
     "adamw-mask-schedule": lambda: adamw(warmup_cosine(1e-2, 2, 6), weight_decay=0.1, mask=decay_mask),
+    # Every combination of decay and layout: the two routes of each (see _adamw.py).
+    "adamw-tree-mask": lambda: adamw(
+        1e-2, weight_decay=0.1, mask={"w": False, "b": True, "scalar": False, "block": [{"k": True}, {"k": False}]}),
+    "adamw-no-decay": lambda: adamw(1e-2, weight_decay=0.0),
     "sgd": lambda: sgd(0.1),
     "sgd-momentum-decay": lambda: sgd(0.1, momentum=0.9, weight_decay=0.01),
     "sgd-nesterov": lambda: sgd(warmup_cosine(0.1, 1, 5), momentum=0.9, nesterov=True),
@@ -225,15 +300,17 @@ def _clone(tree):
     return optree.tree_map(torch.clone, tree)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("name", list(TRANSFORMS))
-def test_donated_updates_are_bit_identical_and_out_of_place_updates_touch_no_input(name):
+def test_donated_updates_are_bit_identical_and_out_of_place_updates_touch_no_input(name, layout):
     opt = TRANSFORMS[name]()
+    make_grads = random_grads if layout == "contiguous" else strided_grads
     assert isinstance(opt, GradientTransformation)
     params = make_params(11)
     state = opt.init(params)
     d_params, d_state = _clone(params), _clone(state)
     for i in range(4):
-        grads = random_grads(params, i)
+        grads = make_grads(params, i)
         kept = copy.deepcopy((grads, state, params))
         updates, state_next = opt.update(grads, state, params)
         new_params = apply_updates(params, updates)

@@ -1,0 +1,148 @@
+"""The arithmetic of one AdamW update over flat leaf lists, as few passes over memory as it allows.
+
+:func:`functional_memopt.adamw` validates, holds the hyper-parameters and the state, and calls
+:func:`adamw_update`. Leaves are grouped by route, decay, device and dtype, and each group runs:
+
+- **fused** (CPU and CUDA; g, mu and nu contiguous and of one floating dtype): one
+  ``torch._fused_adamw_`` pass per leaf, the kernel of ``torch.optim.AdamW(fused=True)``. The
+  kernel steps a parameter in place, so it steps a buffer: a copy of the params where the leaf
+  decays (the update is then ``buffer - params``, exact whenever the new and old values are
+  within a factor of two of each other, so ``params + update`` is the kernel's result bit for
+  bit), zeros where it does not (the buffer then is the update). Pure, this allocates the new
+  moments and the update only; donated, one param-sized temporary, as torch's own step does.
+- **foreach** (elsewhere, and under ``torch.compile``): ``torch._foreach_*`` ops in the order of
+  torch's multi-tensor AdamW with ``capturable=True`` (the step size folded into the denominator,
+  so every scalar can stay a device tensor); pure, the temporaries it allocates are written in place.
+
+Both routes run the same arithmetic with and without ``donate``, so the two are bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["adamw_update"]
+
+_FUSED_DEVICES = ("cpu", "cuda")
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fusable(g: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor, p: torch.Tensor | None) -> bool:
+    """Whether the fused kernel can step this leaf (it walks raw memory, hence the contiguity)."""
+    same = all(x.dtype == g.dtype and x.device == g.device for x in (mu, nu) + (() if p is None else (p,)))
+    return (same and g.device.type in _FUSED_DEVICES and g.dtype in _FUSED_DTYPES and g.numel() > 0
+            and g.is_contiguous() and mu.is_contiguous() and nu.is_contiguous())
+
+
+def adamw_update(g: list, mu: list, nu: list, p: list | None, decayed: set, count: torch.Tensor, lr, *,
+                 b1: float, b2: float, eps: float, weight_decay: float, donate: bool) -> tuple:
+    """One AdamW update of flat leaf lists: ``(updates, mu, nu)``, each a list like ``g``.
+
+    Args:
+        g: the gradient leaves; with ``donate``, overwritten by the updates.
+        mu: first moments, like ``g``; with ``donate``, updated in place.
+        nu: second moments, like ``g``; with ``donate``, updated in place.
+        p: the param leaves (read only), or None when no leaf decays.
+        decayed: indices of the leaves that get weight decay.
+        count: () int64, the count *after* this update (t in the bias corrections).
+        lr: the learning rate, a Python float or a 0-d float64 tensor on the params' device.
+        b1, b2, eps, weight_decay: as in :func:`functional_memopt.adamw`.
+        donate: work in place in ``g``, ``mu`` and ``nu`` (and return them).
+
+    Returns:
+        ``(updates, mu, nu)``: lists of the new leaves, with ``p + updates`` the stepped params.
+
+    Example:
+        >>> g, z = [torch.ones(2)], [torch.zeros(2)]
+        >>> u, mu, nu = adamw_update(g, z, [torch.zeros(2)], None, set(), torch.tensor(1), 0.1,
+        ...                          b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, donate=False)
+        >>> u[0]
+        tensor([-0.1000, -0.1000])
+    """
+    # torch.compile cannot functionalize the kernel's in-place writes: it traces the foreach route.
+    eager = not torch.compiler.is_compiling()
+    groups: dict = {}
+    for i, x in enumerate(g):
+        fused = eager and _fusable(x, mu[i], nu[i], None if p is None else p[i])
+        groups.setdefault((fused, i in decayed, x.device, x.dtype), []).append(i)
+    u, mu, nu = list(g), list(mu), list(nu)
+    hp = dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, donate=donate)
+    for (fused, decay, device, dtype), idx in groups.items():
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        route = _fused if fused else _foreach
+        res = route(pick(g), pick(mu), pick(nu), pick(p) if decay else None, count.to(device), lr, **hp)
+        for i, uu, m, v in zip(idx, *res):
+            u[i], mu[i], nu[i] = uu, m, v
+    return u, mu, nu
+
+
+def _fused(g, mu, nu, p, count, lr, *, b1, b2, eps, weight_decay, donate):
+    """One kernel pass per leaf; ``p`` is None for leaves that do not decay."""
+    if not donate:
+        mu, nu = [x.clone() for x in mu], [x.clone() for x in nu]
+    fmt = torch.contiguous_format
+    buf = ([x.clone(memory_format=fmt) for x in p] if p is not None
+           else [torch.zeros_like(x, memory_format=fmt) for x in g])
+    if isinstance(lr, torch.Tensor) and lr.device.type != "cpu":
+        lr = lr.to(device=g[0].device, dtype=torch.float32)  # the CUDA kernel reads a float32 lr
+    # The kernel reads the step (after this update) from a float32 tensor per leaf, as torch keeps it.
+    step = count.to(torch.float32)
+    torch._fused_adamw_(buf, g, mu, nu, [], [step] * len(g), lr=lr, beta1=b1, beta2=b2,
+                        weight_decay=weight_decay if p is not None else 0.0, eps=eps, amsgrad=False,
+                        maximize=False)
+    if p is None:
+        u = buf
+        if donate:
+            torch._foreach_copy_(g, buf)
+            u = g
+    elif donate:  # g was read by the kernel and is free now: the update goes there
+        for x, old, out in zip(buf, p, g):
+            torch.sub(x, old, out=out)
+        u = g
+    else:
+        torch._foreach_sub_(buf, p)
+        u = buf
+    return u, mu, nu
+
+
+def _foreach(g, mu, nu, p, count, lr, *, b1, b2, eps, weight_decay, donate):
+    """Multi-tensor ops over leaves of one device and dtype; ``p`` is None where none decays."""
+    dtype = g[0].dtype
+    # Bias corrections in double precision, as torch computes them, but on the device: no sync.
+    t = count.to(torch.float64)
+    step_size = -(lr / (1 - torch.pow(b1, t)))
+    bc2_sqrt = torch.sqrt(1 - torch.pow(b2, t))
+    if donate:
+        torch._foreach_lerp_(mu, g, 1 - b1)
+        torch._foreach_mul_(nu, b2)
+    else:
+        mu = list(torch._foreach_lerp(mu, g, 1 - b1))
+        nu = list(torch._foreach_mul(nu, b2))
+    torch._foreach_addcmul_(nu, g, g, 1 - b2)
+    denom = list(torch._foreach_sqrt(nu))
+    torch._foreach_div_(denom, bc2_sqrt.to(dtype))
+    torch._foreach_add_(denom, eps)
+    torch._foreach_div_(denom, step_size.to(dtype))  # denom / step: the update is mu / denom
+    if p is not None:
+        # round(p * (1 - lr * wd)) first, then the Adam step, then - p: params + update rounds as
+        # torch's ``p.mul_(1 - lr * wd)`` then step. A one-pass ``-lr * wd * p`` drifts from torch
+        # by rounding noise at the params' scale that reaches ~1e-6 in 50 steps.
+        keep = 1 - lr * weight_decay
+        keep = keep.to(dtype) if isinstance(keep, torch.Tensor) else keep
+        if donate:
+            for x, out in zip(p, g):
+                torch.mul(x, keep, out=out)
+            u = g
+        else:
+            u = list(torch._foreach_mul(p, keep))
+        torch._foreach_addcdiv_(u, mu, denom)
+        torch._foreach_sub_(u, p)
+    elif donate:
+        for m, d, out in zip(mu, denom, g):
+            torch.div(m, d, out=out)
+        u = g
+    else:
+        for m, d in zip(mu, denom):  # into the temporary: the pure step allocates no more
+            torch.div(m, d, out=d)
+        u = denom
+    return u, mu, nu
