@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from ._config import ModelConfig
-from ._storage import atomic_write, check_finite, open_safetensors
+from ._storage import atomic_write, atomic_write_json, check_finite, open_safetensors
 from ._version import __version__
 
 __all__ = [
@@ -99,13 +99,7 @@ def _listing(keys: list[str]) -> str:
 
 
 def _write_json(path: str, record: dict) -> None:
-    text = json.dumps(record, indent=1, sort_keys=True) + "\n"
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write, caller="save_checkpoint")
+    atomic_write_json(path, record, caller="save_checkpoint", indent=1)
 
 
 def save_checkpoint(run_dir: str | os.PathLike, state: Any, *, cfg: ModelConfig, meta: dict | None = None) -> str:

@@ -20,7 +20,7 @@ import torch
 
 from ._config import ModelConfig, get_config
 from ._precision import get_policy
-from ._storage import atomic_write, save_params
+from ._storage import atomic_write_json, save_params
 
 try:  # POSIX only; elsewhere the CPU peak is reported as 0
     import resource
@@ -235,13 +235,7 @@ def prepare_run_dir(run_dir: str, *, force: bool, dry_run: bool = False) -> None
 
 
 def _write_json(path: str, record: dict) -> None:
-    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write, caller="train")
+    atomic_write_json(path, record, caller="train", indent=2)
 
 
 class RunFiles:

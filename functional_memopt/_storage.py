@@ -23,7 +23,7 @@ from ._model import check_params, param_shapes
 from ._tree import tree_flatten_with_paths
 from ._version import __version__
 
-__all__ = ["save_params", "load_params", "atomic_write", "atomic_save_safetensors", "FORMAT_NAME", "FORMAT_VERSION"]
+__all__ = ["save_params", "load_params", "atomic_write", "atomic_write_json", "atomic_save_safetensors", "FORMAT_NAME", "FORMAT_VERSION"]
 
 FORMAT_NAME = "functional_memopt.params"  # metadata "functional_memopt.format"
 FORMAT_VERSION = 1  # bump when the layout changes; readers refuse newer versions
@@ -114,6 +114,18 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None], *, ca
         raise
     if os.name == "posix":  # the rename itself survives a power cut only once the folder is flushed
         _fsync_path(folder, os.O_RDONLY)
+
+
+def atomic_write_json(path: str | os.PathLike, record: dict, *, caller: str = "atomic_write_json",
+                      indent: int = 2) -> None:
+    """Write ``record`` as a JSON file (sorted keys) through :func:`atomic_write`."""
+    text = json.dumps(record, indent=indent, sort_keys=True) + "\n"
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write, caller=caller)
 
 
 def atomic_save_safetensors(

@@ -11,13 +11,7 @@ CFG = fm.ModelConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16
 PARAMS = fm.init_params(CFG, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Models this small run fastest on one thread (and do not fight other processes for cores).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @given(st.integers(0, 2**31 - 1), st.floats(0.3, 2.0), st.one_of(st.none(), st.integers(1, 40)))
