@@ -63,7 +63,7 @@ class TrainArgs:
     beta1: float = 0.9
     beta2: float = 0.99
     max_grad_norm: float = 1.0  # global-norm clipping (0: off)
-    steps: int = 180  # optimizer steps (batches) in the whole run
+    steps: int = 420  # optimizer steps (batches) in the whole run (about 3 minutes on 2 CPU cores)
     stop_at: int | None = None  # stop (with a checkpoint) at this step; the schedule still spans `steps`
     eval_interval: int | None = None  # steps between evaluations and checkpoints (None: steps // 6)
     eval_batches: int = 8  # validation batches of batch_size // accum_steps rows, shared out over the ranks
