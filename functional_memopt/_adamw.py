@@ -9,10 +9,10 @@
   decays (the update is then ``buffer - params``, exact whenever the new and old values are
   within a factor of two of each other, so ``params + update`` is the kernel's result bit for
   bit), zeros where it does not (the buffer then is the update). Pure, this allocates the new
-  moments and the update only; donated, one param-sized temporary, as torch's own step does.
+  moments and the buffer; donated, only the buffer, which becomes the update.
 - **foreach** (elsewhere, and under ``torch.compile``): ``torch._foreach_*`` ops in the order of
   torch's multi-tensor AdamW with ``capturable=True`` (the step size folded into the denominator,
-  so every scalar can stay a device tensor); pure, the temporaries it allocates are written in place.
+  so every scalar can stay a device tensor).
 
 Both routes run the same arithmetic with and without ``donate``, so the two are bit-identical.
 """
@@ -39,7 +39,7 @@ def adamw_update(g: list, mu: list, nu: list, p: list | None, decayed: set, coun
     """One AdamW update of flat leaf lists: ``(updates, mu, nu)``, each a list like ``g``.
 
     Args:
-        g: the gradient leaves; with ``donate``, overwritten by the updates.
+        g: the gradient leaves (read only; the updates come back in new buffers).
         mu: first moments, like ``g``; with ``donate``, updated in place.
         nu: second moments, like ``g``; with ``donate``, updated in place.
         p: the param leaves (read only), or None when no leaf decays.
@@ -47,7 +47,7 @@ def adamw_update(g: list, mu: list, nu: list, p: list | None, decayed: set, coun
         count: () int64, the count *after* this update (t in the bias corrections).
         lr: the learning rate, a Python float or a 0-d float64 tensor on the params' device.
         b1, b2, eps, weight_decay: as in :func:`functional_memopt.adamw`.
-        donate: work in place in ``g``, ``mu`` and ``nu`` (and return them).
+        donate: update ``mu`` and ``nu`` in place (and return them).
 
     Returns:
         ``(updates, mu, nu)``: lists of the new leaves, with ``p + updates`` the stepped params.
@@ -90,19 +90,9 @@ def _fused(g, mu, nu, p, count, lr, *, b1, b2, eps, weight_decay, donate):
     torch._fused_adamw_(buf, g, mu, nu, [], [step] * len(g), lr=lr, beta1=b1, beta2=b2,
                         weight_decay=weight_decay if p is not None else 0.0, eps=eps, amsgrad=False,
                         maximize=False)
-    if p is None:
-        u = buf
-        if donate:
-            torch._foreach_copy_(g, buf)
-            u = g
-    elif donate:  # g was read by the kernel and is free now: the update goes there
-        for x, old, out in zip(buf, p, g):
-            torch.sub(x, old, out=out)
-        u = g
-    else:
+    if p is not None:  # the buffer held the params: the update is what the kernel added
         torch._foreach_sub_(buf, p)
-        u = buf
-    return u, mu, nu
+    return buf, mu, nu
 
 
 def _foreach(g, mu, nu, p, count, lr, *, b1, b2, eps, weight_decay, donate):
@@ -129,20 +119,9 @@ def _foreach(g, mu, nu, p, count, lr, *, b1, b2, eps, weight_decay, donate):
         # by rounding noise at the params' scale that reaches ~1e-6 in 50 steps.
         keep = 1 - lr * weight_decay
         keep = keep.to(dtype) if isinstance(keep, torch.Tensor) else keep
-        if donate:
-            for x, out in zip(p, g):
-                torch.mul(x, keep, out=out)
-            u = g
-        else:
-            u = list(torch._foreach_mul(p, keep))
+        u = list(torch._foreach_mul(p, keep))
         torch._foreach_addcdiv_(u, mu, denom)
         torch._foreach_sub_(u, p)
-    elif donate:
-        for m, d, out in zip(mu, denom, g):
-            torch.div(m, d, out=out)
-        u = g
     else:
-        for m, d in zip(mu, denom):  # into the temporary: the pure step allocates no more
-            torch.div(m, d, out=d)
-        u = denom
+        u = list(torch._foreach_div(mu, denom))
     return u, mu, nu

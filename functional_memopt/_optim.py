@@ -126,14 +126,6 @@ def _scalar_op(name: str, xs: list, s, *, inplace: bool) -> list:
     return out
 
 
-def _mul_into(out: list, xs: list, s) -> list:
-    """``out[i] = xs[i] * s``, with ``s`` cast as :func:`_scalar_op` casts it (so the bits match)."""
-    cast: dict = {}
-    for o, x in zip(out, xs):
-        torch.mul(x, cast.setdefault(x.dtype, s.to(x.dtype)) if isinstance(s, torch.Tensor) else s, out=o)
-    return out
-
-
 def _groups(xs: list) -> dict:
     """``{dtype: indices of the leaves of that dtype}`` (one entry in the usual all-fp32 tree)."""
     dtypes = {x.dtype for x in xs}
@@ -263,10 +255,8 @@ def sgd(learning_rate: LearningRate, *, momentum: float = 0.0, nesterov: bool = 
             if nesterov:
                 g = _add(g, buf, momentum, inplace=owned)
                 owned = True
-            elif owned:  # -lr * buf goes straight into the buffers we own; buf lives on in the state
-                u = _mul_into(g, buf, -lr)
-            else:
-                g = buf
+            else:  # out of place: buf lives on in the state
+                u = _scalar_op("mul", buf, -lr, inplace=False)
         if u is None:
             u = _scalar_op("mul", g, -lr, inplace=owned)
         mom = None if buf is None else optree.tree_unflatten(spec, buf)
