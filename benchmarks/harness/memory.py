@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import gc
 import os
-import resource
 import time
 
 import torch
 
 import functional_memopt as fm
+from functional_memopt._memory import _reset_rss_peak as _reset_hwm
+from functional_memopt._memory import _rss_peak as _hwm
 
 from .runners import PRECISIONS, Variant, functional_runner
 from .spawn import spawn
@@ -33,26 +34,6 @@ CPU_ALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _hwm() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak resident set size (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
 
 
 def memory_worker(spec: dict) -> dict:
