@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple, Union
 
+import optree
 import torch
 
 from ._tree import tree_all_finite, tree_map
@@ -39,10 +40,17 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _scale_tree(tree: PyTree, factor) -> PyTree:
-    return tree_map(
-        lambda x: _at_least_fp32(x) * factor if isinstance(x, torch.Tensor) and x.is_floating_point() else x, tree
-    )
+def _scale_tree(tree: PyTree, factor, *, donate: bool = False) -> PyTree:
+    if not donate:
+        return tree_map(
+            lambda x: _at_least_fp32(x) * factor if isinstance(x, torch.Tensor) and x.is_floating_point() else x, tree
+        )
+    # In place: float32 / float64 leaves are the caller's own; half leaves are widened (a copy) first.
+    wide = _cast_tree(tree)
+    floats = [x for x in optree.tree_leaves(wide) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    if floats:
+        torch._foreach_mul_(floats, factor)
+    return wide
 
 
 def _cast_tree(tree: PyTree) -> PyTree:
@@ -74,8 +82,9 @@ class NoOpLossScale(NamedTuple):
         """``tree`` with floating leaves in at least float32."""
         return _cast_tree(tree)
 
-    def unscale(self, tree: PyTree) -> PyTree:
-        """``tree`` with floating leaves in at least float32."""
+    def unscale(self, tree: PyTree, *, donate: bool = False) -> PyTree:
+        """``tree`` with floating leaves in at least float32 (``donate`` changes nothing here)."""
+        del donate
         return _cast_tree(tree)
 
     def adjust(self, grads_finite) -> "NoOpLossScale":
@@ -98,9 +107,13 @@ class StaticLossScale(NamedTuple):
         """Every floating leaf times the scale, in at least float32."""
         return _scale_tree(tree, self.loss_scale)
 
-    def unscale(self, tree: PyTree) -> PyTree:
-        """Every floating leaf times ``1 / scale`` (reciprocal rounded once to float32)."""
-        return _scale_tree(tree, _inverse(self.loss_scale))
+    def unscale(self, tree: PyTree, *, donate: bool = False) -> PyTree:
+        """Every floating leaf times ``1 / scale`` (reciprocal rounded once to float32).
+
+        With ``donate`` the float32 / float64 leaves are multiplied in place: pass only a tree you
+        own and will not read again (the train step's own accumulator).
+        """
+        return _scale_tree(tree, _inverse(self.loss_scale), donate=donate)
 
     def adjust(self, grads_finite) -> "StaticLossScale":
         """The same state: a static scale never changes."""
@@ -142,9 +155,13 @@ class DynamicLossScale(NamedTuple):
         """Every floating leaf times the scale, in at least float32."""
         return _scale_tree(tree, self.loss_scale)
 
-    def unscale(self, tree: PyTree) -> PyTree:
-        """Every floating leaf times ``1 / scale`` (reciprocal rounded once to float32)."""
-        return _scale_tree(tree, _inverse(self.loss_scale))
+    def unscale(self, tree: PyTree, *, donate: bool = False) -> PyTree:
+        """Every floating leaf times ``1 / scale`` (reciprocal rounded once to float32).
+
+        With ``donate`` the float32 / float64 leaves are multiplied in place: pass only a tree you
+        own and will not read again (the train step's own accumulator).
+        """
+        return _scale_tree(tree, _inverse(self.loss_scale), donate=donate)
 
     def adjust(self, grads_finite) -> "DynamicLossScale":
         """The next state after a step whose gradients were finite or not.

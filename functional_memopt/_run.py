@@ -13,19 +13,14 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from typing import Any, NamedTuple
 
 import torch
 
 from ._config import ModelConfig, get_config
 from ._precision import get_policy
+from ._memory import _rss_peak
 from ._storage import atomic_write_json, save_params
-
-try:  # POSIX only; elsewhere the CPU peak is reported as 0
-    import resource
-except ImportError:  # pragma: no cover
-    resource = None
 
 __all__ = [
     "RUN_FORMAT", "CPU_DEFAULT_POLICY", "TrainArgs", "Resolved", "resolve_args", "resolve_device", "resolve_threads",
@@ -307,7 +302,4 @@ def peak_bytes(device: torch.device) -> int:
     """CUDA max_memory_allocated, or this process's peak RSS on the CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    if resource is None:
-        return 0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB, macOS bytes
+    return _rss_peak()

@@ -221,12 +221,9 @@ def make_train_step(
         micro = split_microbatches(batch, accum_steps) if accum_steps > 1 else [batch]
         # Reduced before unscaling, as the single-process fold sums scaled gradients too.
         acc = reduce(accumulate_gradients(lambda p, mb: grad_fn(p, mb, factor), state.params, micro))
-        leaves, spec = optree.tree_flatten(acc.grads)
-        if scale is not None and leaves:
-            # 1 / S is exact for a power-of-two S, so this multiply undoes the scaling bit for bit.
-            inv = scale.double().reciprocal()
-            torch._foreach_mul_(leaves, [inv.to(g.dtype) for g in leaves])
-        grads = optree.tree_unflatten(spec, leaves)
+        # The accumulator is the step's own, so it is unscaled in place; 1 / S is exact for a
+        # power-of-two S, so this undoes the scaling bit for bit.
+        grads = ls.unscale(acc.grads, donate=True)
         # Global values: every rank takes the same skip / loss-scale decision.
         finite, grad_norm, loss_sum, count = summarize(grads, acc.loss_sum, acc.count)
         metrics = {
@@ -240,6 +237,7 @@ def make_train_step(
             return state._replace(loss_scale=ls.adjust(finite)), metrics
         if max_grad_norm is not None:
             coef = torch.clamp(max_grad_norm / (grad_norm + 1e-6), max=1.0)
+            leaves = optree.tree_leaves(grads)  # the step's own: clipped in place
             torch._foreach_mul_(leaves, [coef.to(g.dtype) for g in leaves])
         grads = pol.cast_to_param(grads)
         params, opt_state = update(optimizer, grads, state, donate=donate)

@@ -59,7 +59,7 @@ def assert_trees_close(actual: Any, expected: Any, *, rtol: float = 0.0, atol: f
     equal. The error names the first differing leaf by its key path and the largest difference.
     """
     pa, la, sa = optree.tree_flatten_with_path(actual)
-    pe, le, se = optree.tree_flatten_with_path(expected)
+    _, le, se = optree.tree_flatten_with_path(expected)
     if sa != se:
         raise AssertionError(f"{msg}tree structures differ:\n  actual:   {sa}\n  expected: {se}")
     for path, a, e in zip(pa, la, le):

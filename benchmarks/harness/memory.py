@@ -21,6 +21,7 @@ import torch
 
 import functional_memopt as fm
 from functional_memopt._memory import _reset_rss_peak as _reset_hwm
+from functional_memopt._memory import _rss_now as _rss
 from functional_memopt._memory import _rss_peak as _hwm
 
 from .runners import PRECISIONS, Variant, functional_runner
@@ -29,11 +30,6 @@ from .spawn import spawn
 MEMORY_TARGET_ALL = 0.40  # all techniques together, as a fraction of the fp32 baseline
 LEDGER_TOLERANCE = 0.10  # measured within 10% of predicted
 CPU_ALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def memory_worker(spec: dict) -> dict:
