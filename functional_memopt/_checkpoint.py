@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 
 from ._config import ModelConfig
 from ._storage import atomic_write, atomic_write_json, check_finite, open_safetensors
+from ._tree import tree_flatten_with_paths
 from ._version import __version__
 
 __all__ = [
@@ -43,7 +44,6 @@ __all__ = [
     "load_checkpoint_params",
     "checkpoint_info",
     "has_checkpoint",
-    "named_leaves",
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "STATE_JSON",
@@ -54,22 +54,6 @@ CHECKPOINT_VERSION = 1  # bump when the layout changes; readers refuse newer ver
 STATE_JSON = "state.json"
 _TENSOR_FILE = re.compile(r"^state-\d+-[0-9a-f]+\.safetensors$")
 _SHOWN = 8  # keys listed per category in a mismatch message
-
-
-def _entry_name(entry) -> str:
-    field = getattr(entry, "field", None)  # NamedTuple fields by name, e.g. "opt_state.mu.wte"
-    return str(field if field is not None else entry.entry)
-
-
-def named_leaves(tree: Any) -> dict[str, Any]:
-    """``{dotted path: leaf}`` with NamedTuple fields by name, e.g. ``"loss_scale.counter"``.
-
-    The same leaves, in the same order, as ``tree_flatten_with_paths``; only the names of
-    NamedTuple entries differ (``"params.wte"`` rather than ``"1.wte"``), so that a mismatch
-    message says which part of the state differs.
-    """
-    accessors, leaves, _ = optree.tree_flatten_with_accessor(tree)
-    return {".".join(_entry_name(e) for e in acc) or "<root>": leaf for acc, leaf in zip(accessors, leaves)}
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -130,7 +114,7 @@ def save_checkpoint(run_dir: str | os.PathLike, state: Any, *, cfg: ModelConfig,
         raise TypeError(
             f"save_checkpoint: meta must be JSON-serialisable ({err}); pass plain numbers and strings."
         ) from None
-    flat = named_leaves(state)
+    flat = tree_flatten_with_paths(state)
     bad = [k for k, v in flat.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise TypeError(f"save_checkpoint: every leaf must be a tensor; not tensors: {_listing(bad)}.")
@@ -263,7 +247,7 @@ def load_checkpoint(
             f"load_checkpoint: the checkpoint in {run_dir!r} is for another model config ({'; '.join(diff)}); "
             "resume it with its own config or start a new run."
         )
-    flat_like = named_leaves(like)
+    flat_like = tree_flatten_with_paths(like)
     want = {k: [str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in flat_like.items()}
     have = record["leaves"]
     missing = [k for k in want if k not in have]

@@ -131,19 +131,20 @@ def tree_bytes(tree: PyTree) -> int:
     return total
 
 
-def _key_to_str(path: tuple) -> str:
-    return ".".join(str(k) for k in path)
+def _accessor_to_str(accessor) -> str:
+    # NamedTuple fields by name ("opt_state.mu.wte"), dict keys and list indices as they are.
+    return ".".join(str(getattr(e, "field", None) or e.entry) for e in accessor)
 
 
 def tree_paths(tree: PyTree) -> list[str]:
-    """Dotted key paths of the leaves, e.g. ``"h.0.attn.c_attn.weight"``."""
-    return [_key_to_str(p) for p in optree.tree_paths(tree)]
+    """Dotted key paths of the leaves, e.g. ``"h.0.attn.c_attn.weight"`` or ``"loss_scale.counter"``."""
+    return [_accessor_to_str(a) for a in optree.tree_accessors(tree)]
 
 
 def tree_flatten_with_paths(tree: PyTree) -> dict[str, Any]:
-    """A flat ``{dotted path: leaf}`` dict, in canonical leaf order."""
-    paths, leaves, _ = optree.tree_flatten_with_path(tree)
-    return {_key_to_str(p): leaf for p, leaf in zip(paths, leaves)}
+    """A flat ``{dotted path: leaf}`` dict, in canonical leaf order (NamedTuple fields by name)."""
+    accessors, leaves, _ = optree.tree_flatten_with_accessor(tree)
+    return {_accessor_to_str(a): leaf for a, leaf in zip(accessors, leaves)}
 
 
 def tree_unflatten_from_paths(flat: dict[str, Any], like: PyTree) -> PyTree:

@@ -20,6 +20,7 @@ import torch
 from ._config import ModelConfig
 from ._data import Batch
 from ._model import IGNORE_INDEX
+from ._tree import tree_paths
 
 try:  # hypothesis is needed for the strategies only, not for the assertions
     from hypothesis import strategies as st
@@ -58,12 +59,12 @@ def assert_trees_close(actual: Any, expected: Any, *, rtol: float = 0.0, atol: f
     Tolerances of zero mean bit-identical values (nan equal to nan). Non-tensor leaves must be
     equal. The error names the first differing leaf by its key path and the largest difference.
     """
-    pa, la, sa = optree.tree_flatten_with_path(actual)
-    _, le, se = optree.tree_flatten_with_path(expected)
+    la, sa = optree.tree_flatten(actual)
+    le, se = optree.tree_flatten(expected)
     if sa != se:
         raise AssertionError(f"{msg}tree structures differ:\n  actual:   {sa}\n  expected: {se}")
-    for path, a, e in zip(pa, la, le):
-        name = ".".join(map(str, path)) or "<root>"
+    for path, a, e in zip(tree_paths(actual), la, le):
+        name = path or "<root>"
         if isinstance(a, torch.Tensor) or isinstance(e, torch.Tensor):
             a_t, e_t = torch.as_tensor(a), torch.as_tensor(e)
             if a_t.shape != e_t.shape:

@@ -14,7 +14,6 @@ from functional_memopt._checkpoint import (
     checkpoint_info,
     load_checkpoint,
     load_checkpoint_params,
-    named_leaves,
     save_checkpoint,
 )
 from functional_memopt._loss_scale import dynamic_loss_scale, no_op_loss_scale, static_loss_scale
@@ -107,7 +106,7 @@ def test_the_checkpoint_holds_every_leaf_by_name_and_the_record_fields(tmp_path)
     save_checkpoint(tmp_path, state, cfg=CFG, meta={"batch_index": 3})
     info = checkpoint_info(tmp_path)
     tensors = load_file(tmp_path / info["tensors"])
-    assert set(tensors) == set(named_leaves(state)) == set(info["leaves"])
+    assert set(tensors) == set(fm.tree_flatten_with_paths(state)) == set(info["leaves"])
     assert {"step", "params.wte", "opt_state.mu.wte", "loss_scale.min_loss_scale"} <= set(tensors)
     assert tensors["loss_scale.growth_factor"].dtype == torch.float64
     assert info["config"] == CFG.to_dict() and info["format_version"] == 1 and info["library_version"]

@@ -14,7 +14,6 @@ peak is ``torch.cuda.max_memory_allocated``.
 from __future__ import annotations
 
 import gc
-import os
 import time
 
 import torch
