@@ -35,15 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ._attention import build_attention_mask, positions_from_segments
 from ._config import ModelConfig
 from ._data import load_corpus, sample_batch
 from ._ledger import MemorySettings
 from ._loss_scale import dynamic_loss_scale
-from ._model import IGNORE_INDEX, _block_fn, _layer_norm, init_params
+from ._model import final_features, init_params, token_loss
 from ._optim import adamw
 from ._precision import get_policy
-from ._remat import checkpoint, remat_layers
+from ._remat import remat_layers
 from ._train import init_train_state, make_train_step
 
 __all__ = ["MemoryMeasurement", "TensorMemoryTracker", "measure_memory", "untied_params", "untied_loss_fn",
@@ -127,25 +126,10 @@ def untied_loss_fn(cfg: ModelConfig, *, remat: Any = None) -> Callable:
         >>> batch = sample_batch(load_corpus(), 2, 8, seed=0, index=0)
         >>> loss_sum, count = untied_loss_fn(cfg)(untied_params(init_params(cfg)), batch)
     """
-    chosen = remat_layers(remat, cfg.n_layer)
-
     def loss(params, batch):
-        tokens, T = batch.tokens, batch.tokens.shape[1]
-        seg = batch.segment_ids
-        pos = positions_from_segments(seg) if seg is not None else torch.arange(T, device=tokens.device)
-        x = F.embedding(tokens, params["wte"]) + F.embedding(pos, params["wpe"])  # (B, T, C)
-        mask = build_attention_mask(T, attention_mask=batch.attention_mask, segment_ids=seg, device=tokens.device)
-        fn = functools.partial(_block_fn, cfg=cfg, mask=mask)
-        for i, block in enumerate(params["h"]):
-            x = checkpoint(fn, block, x) if i in chosen else fn(block, x)
-        logits = F.linear(_layer_norm(x, params["ln_f"], cfg.layer_norm_eps), params["lm_head"])  # (B, T, V)
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        targets = batch.targets.flatten()
-        nll = F.cross_entropy(logits.to(acc).flatten(0, 1), targets, reduction="none", ignore_index=IGNORE_INDEX)
-        weight = (targets != IGNORE_INDEX).to(acc)
-        if batch.mask is not None:
-            weight = weight * batch.mask.flatten().to(acc)
-        return (nll * weight).sum(), weight.sum()
+        x = final_features(params, batch.tokens, cfg, attention_mask=batch.attention_mask,
+                           segment_ids=batch.segment_ids, remat=remat)
+        return token_loss(F.linear(x, params["lm_head"]), batch.targets, batch.mask)  # (B, T, V) logits
 
     return loss
 

@@ -18,7 +18,17 @@ from ._config import ModelConfig
 from ._remat import RematSpec, checkpoint, remat_layers
 from ._tree import tree_flatten_with_paths
 
-__all__ = ["init_params", "apply", "loss_fn", "param_shapes", "check_params", "check_tokens", "IGNORE_INDEX"]
+__all__ = [
+    "init_params",
+    "apply",
+    "final_features",
+    "loss_fn",
+    "token_loss",
+    "param_shapes",
+    "check_params",
+    "check_tokens",
+    "IGNORE_INDEX",
+]
 
 IGNORE_INDEX = -100  # targets equal to this are not counted (torch's cross_entropy default)
 
@@ -232,7 +242,26 @@ def apply(
     if check:
         check_tokens(tokens, cfg)
         check_params(params, cfg)
-    B, T = tokens.shape
+    x = final_features(params, tokens, cfg, attention_mask=attention_mask, segment_ids=segment_ids, remat=remat)
+    # Weight tying: the head is the embedding matrix itself (Press & Wolf 2017); no copy is made.
+    return F.linear(x, params["wte"])  # (B, T, V)
+
+
+def final_features(
+    params: dict,
+    tokens: torch.Tensor,
+    cfg: ModelConfig,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    remat: RematSpec = None,
+) -> torch.Tensor:
+    """Everything of :func:`apply` before the head: (B, T, C) after the final layer norm.
+
+    Reads only wte (as the embedding), wpe, h and ln_f, so a variant head (e.g. an untied one in
+    the memory ledger's baseline) can be put on top. No input checks.
+    """
+    T = tokens.shape[1]
     if segment_ids is not None:
         pos = positions_from_segments(segment_ids)
     else:
@@ -243,9 +272,7 @@ def apply(
     chosen = remat_layers(remat, cfg.n_layer)
     for i, block in enumerate(params["h"]):
         x = checkpoint(fn, block, x) if i in chosen else fn(block, x)
-    x = _layer_norm(x, params["ln_f"], cfg.layer_norm_eps)
-    # Weight tying: the head is the embedding matrix itself (Press & Wolf 2017); no copy is made.
-    return F.linear(x, params["wte"])  # (B, T, V)
+    return _layer_norm(x, params["ln_f"], cfg.layer_norm_eps)
 
 
 def loss_fn(
@@ -277,6 +304,14 @@ def loss_fn(
     logits = apply(
         params, tokens, cfg, attention_mask=attention_mask, segment_ids=segment_ids, remat=remat, check=check
     )
+    return token_loss(logits, targets, mask)
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> tuple:
+    """Summed cross-entropy of (B, T, V) logits and the count of tokens it covers.
+
+    Targets equal to IGNORE_INDEX and positions where ``mask`` is 0 are not counted.
+    """
     # Half-precision logits are upcast so the log-softmax and the sum run in float32; float64
     # stays float64 (the property tests run in it).
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
