@@ -151,17 +151,9 @@ class DynamicLossScale(NamedTuple):
     backoff_factor: torch.Tensor  # () float64, in (0, 1)
     min_loss_scale: torch.Tensor  # () float32, >= 0, the floor of the scale
 
-    def scale(self, tree: PyTree) -> PyTree:
-        """Every floating leaf times the scale, in at least float32."""
-        return _scale_tree(tree, self.loss_scale)
-
-    def unscale(self, tree: PyTree, *, donate: bool = False) -> PyTree:
-        """Every floating leaf times ``1 / scale`` (reciprocal rounded once to float32).
-
-        With ``donate`` the float32 / float64 leaves are multiplied in place: pass only a tree you
-        own and will not read again (the train step's own accumulator).
-        """
-        return _scale_tree(tree, _inverse(self.loss_scale), donate=donate)
+    # Scaling is the same as a static scale's; only ``adjust`` differs.
+    scale = StaticLossScale.scale
+    unscale = StaticLossScale.unscale
 
     def adjust(self, grads_finite) -> "DynamicLossScale":
         """The next state after a step whose gradients were finite or not.
