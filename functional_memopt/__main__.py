@@ -1,5 +1,5 @@
 """``python -m functional_memopt`` runs the ``memopt`` command."""
 
-from .cli import main
+from .app.cli import main
 
 raise SystemExit(main())

@@ -15,18 +15,14 @@ __all__ = [
     "tree_map",
     "tree_leaves",
     "tree_structure",
-    "tree_add",
-    "tree_sub",
-    "tree_scale",
     "tree_cast",
-    "tree_zeros_like",
     "tree_global_norm",
     "tree_all_finite",
-    "tree_select",
     "tree_bytes",
     "tree_paths",
     "tree_flatten_with_paths",
     "tree_unflatten_from_paths",
+    "tree_from_paths",
 ]
 
 PyTree = Any
@@ -51,19 +47,7 @@ def _is_float(x: torch.Tensor) -> bool:
     return isinstance(x, torch.Tensor) and x.is_floating_point()
 
 
-def tree_add(a: PyTree, b: PyTree) -> PyTree:
-    """Leafwise ``a + b``."""
-    return optree.tree_map(torch.add, a, b)
 
-
-def tree_sub(a: PyTree, b: PyTree) -> PyTree:
-    """Leafwise ``a - b``."""
-    return optree.tree_map(torch.sub, a, b)
-
-
-def tree_scale(tree: PyTree, scalar) -> PyTree:
-    """Every leaf multiplied by ``scalar`` (a Python number or a 0-d tensor)."""
-    return optree.tree_map(lambda x: x * scalar, tree)
 
 
 def tree_cast(tree: PyTree, dtype: torch.dtype | None) -> PyTree:
@@ -75,10 +59,6 @@ def tree_cast(tree: PyTree, dtype: torch.dtype | None) -> PyTree:
         return tree
     return optree.tree_map(lambda x: x.to(dtype) if _is_float(x) else x, tree)
 
-
-def tree_zeros_like(tree: PyTree, dtype: torch.dtype | None = None) -> PyTree:
-    """A tree of zeros shaped like ``tree``, in ``dtype`` (default: each leaf's own)."""
-    return optree.tree_map(lambda x: torch.zeros_like(x, dtype=dtype or x.dtype), tree)
 
 
 def tree_global_norm(tree: PyTree) -> torch.Tensor:
@@ -104,16 +84,6 @@ def tree_all_finite(tree: PyTree) -> torch.Tensor:
     flags = torch.stack([torch.isfinite(x).all() for x in leaves])
     return flags.all()
 
-
-def tree_select(pred: torch.Tensor | bool, on_true: PyTree, on_false: PyTree) -> PyTree:
-    """``on_true`` where ``pred`` holds, else ``on_false``, leaf by leaf, bit-exact.
-
-    With a Python bool the chosen tree is returned as is (no copy). With a tensor the choice is
-    made by ``torch.where`` so no host synchronisation is needed.
-    """
-    if isinstance(pred, bool):
-        return on_true if pred else on_false
-    return optree.tree_map(lambda a, b: torch.where(pred, a, b), on_true, on_false)
 
 
 def tree_bytes(tree: PyTree) -> int:
@@ -162,3 +132,31 @@ def tree_unflatten_from_paths(flat: dict[str, Any], like: PyTree) -> PyTree:
         )
     spec = optree.tree_structure(like)
     return optree.tree_unflatten(spec, [flat[p] for p in paths])
+
+
+def tree_from_paths(flat: dict[str, Any]) -> dict:
+    """The nested dict whose dotted paths are the keys of ``flat``; folders keyed 0..n-1 become lists.
+
+    The inverse of :func:`tree_flatten_with_paths` for trees of dicts and lists (params trees).
+
+    Example:
+        >>> tree_from_paths({"h.0.w": 1, "h.1.w": 2, "wte": 3})
+        {'h': [{'w': 1}, {'w': 2}], 'wte': 3}
+    """
+    root: dict = {}
+    for path, leaf in flat.items():
+        node = root
+        *heads, last = path.split(".")
+        for part in heads:
+            node = node.setdefault(part, {})
+        node[last] = leaf
+
+    def listify(node):
+        if not isinstance(node, dict):
+            return node
+        out = {k: listify(v) for k, v in node.items()}
+        if out and all(k.isdigit() for k in out) and sorted(map(int, out)) == list(range(len(out))):
+            return [out[str(i)] for i in range(len(out))]
+        return out
+
+    return listify(root)

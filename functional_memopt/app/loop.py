@@ -1,0 +1,281 @@
+"""The training loop behind ``memopt train``: set-up, one loop, a summary.
+
+A checkpoint is written at the start, every ``eval_interval`` steps, at the end and on Ctrl-C;
+batches are a function of (seed, index), so a resumed run takes exactly the steps an unbroken run
+would. What the run directory holds is described in ``run``.
+
+One process calls ``make_train_step`` directly. Under torchrun the step is the same, with
+``parallel=data_parallel(zero_stage=...)``: each rank builds the same global batch and trains on
+its rows (``shard_batch``), evaluation is shared out the same way, and rank 0 alone writes files
+and reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from .._version import __version__
+from ..data.batch import rows_per_microbatch, sample_batch
+from ..data.corpus import load_corpus, train_val_split
+from ..io.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from ..memory.hygiene import with_memory_hygiene
+from ..model.config import ModelConfig
+from ..model.layout import init_params
+from ..optim.adamw import adamw, decay_mask
+from ..optim.schedules import linear_warmup, warmup_cosine
+from ..parallel.process_group import DistInfo, collective, comm_device, world
+from ..parallel.replicated import shard_batch
+from ..parallel.zero import data_parallel
+from ..train.loss_scale import loss_scale_from_spec
+from ..train.parallelism import Parallelism, single_process
+from ..train.precision import get_policy, with_policy
+from ..train.step import TrainState, init_train_state, make_loss_fn, make_train_step
+from .format import format_bytes
+from .interrupt import StopRequest
+from .run import FLAGS, RUN_FORMAT, Resolved, RunFiles, TrainArgs, peak_bytes, prepare_run_dir
+
+__all__ = ["TrainResult", "train", "evaluate", "VAL_SEED"]
+
+VAL_SEED = 1234  # validation batches do not depend on --seed, so runs with different seeds compare
+
+
+class TrainResult(NamedTuple):
+    """How a run ended."""
+
+    status: str  # "done", "stopped" (at stop_at), "interrupted" (Ctrl-C) or "diverged"
+    step: int  # batches consumed
+    val_bpb_start: float | None  # validation bits per byte of the run's first evaluation
+    val_bpb: float | None  # ... of its last evaluation
+    seconds: float  # wall time of this session
+    tokens_per_s: float  # counted tokens per second of training steps in this session
+    peak_bytes: int  # CUDA max_memory_allocated, or the process's peak RSS on the CPU
+    run_dir: str
+    message: str  # the summary line
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the set-up made, and where the loop stands (the loop moves ``state`` and the counters)."""
+
+    args: TrainArgs
+    cfg: ModelConfig
+    resolved: Resolved
+    run_dir: str
+    device: torch.device
+    info: DistInfo
+    parallel: Parallelism | None  # None: one process, the plain step
+    optimizer: Any
+    schedule: Any
+    step_fn: Any
+    state: TrainState
+    files: RunFiles
+    train_data: torch.Tensor
+    val_batches: list
+    end: int  # the step this session stops at
+    it: int  # batches consumed
+    skipped: int  # skipped steps over the whole run
+    bpb0: float | None  # the first evaluation's bits per byte
+    bpb: float | None = None  # the latest evaluation's
+    tokens: float = 0.0  # counted tokens trained on in this session
+    step_s: float = 0.0  # seconds spent in steps in this session
+    saved_at: int = 0  # step of the newest checkpoint
+
+
+def _optimizer(args: TrainArgs, warmup: int):
+    final = args.lr / 10 if args.min_lr is None else args.min_lr
+    if args.schedule == "cosine":
+        sched = warmup_cosine(args.lr, warmup, args.steps, final=final)
+    else:
+        sched = linear_warmup(args.lr, warmup)
+    opt = adamw(sched, b1=args.beta1, b2=args.beta2, weight_decay=args.weight_decay, mask=decay_mask)
+    return opt, sched
+
+
+def evaluate(params: Any, cfg: ModelConfig, policy, batches: list, *, info: DistInfo | None = None) -> float:
+    """Mean validation loss in nats per counted token, under the policy's compute precision.
+
+    With several ranks (``info``), each evaluates its rows of every batch and the sums are added.
+    """
+    loss = with_policy(make_loss_fn(cfg), policy)
+    total = torch.zeros((), dtype=torch.float64)
+    count = torch.zeros((), dtype=torch.float64)
+    ranks = info is not None and info.world_size > 1
+    with torch.no_grad():
+        for b in batches:
+            s, c = loss(params, shard_batch(b, info.rank, info.world_size) if ranks else b)
+            total += s.double().cpu()
+            count += c.double().cpu()
+    if ranks:
+        sums = torch.stack([total, count]).to(comm_device(None))
+        collective("train", "the evaluation all-reduce", dist.all_reduce, sums)
+        total, count = sums.cpu()
+    return float(total / count.clamp(min=1))
+
+
+def _set_up(args: TrainArgs, cfg: ModelConfig, resolved: Resolved, run_dir: str, device: torch.device,
+            info: DistInfo, *, resume: bool, force: bool) -> _Run:
+    """Data, optimizer, state (fresh or resumed), step and run files: everything before the first step."""
+    rows_per_microbatch(args.batch_size, resolved.accum_steps, info.world_size, caller="train", names=FLAGS)
+    parallel = data_parallel(zero_stage=args.zero_stage) if info.world_size > 1 else None
+    on_main = (parallel or single_process()).on_main
+    if not resume:  # refuse early, before the corpus is read
+        on_main(lambda: prepare_run_dir(run_dir, force=force, dry_run=True), what="checking the run directory")
+    train_data, val_data = train_val_split(load_corpus(args.corpus))
+    T = resolved.seq_len
+    for name, part in (("training", train_data), ("validation", val_data)):
+        if len(part) <= T:
+            raise ValueError(f"train: the corpus's {name} part holds {len(part)} bytes, too few for sequences of "
+                             f"{T}; use a longer --corpus or a shorter --seq-len.")
+    policy = get_policy(resolved.policy)
+    opt, sched = _optimizer(args, resolved.warmup_steps)
+    state = init_train_state(init_params(cfg, seed=args.seed, device=device), opt, policy=policy, parallel=parallel,
+                             loss_scale=loss_scale_from_spec(resolved.loss_scale, device=device))
+    files = RunFiles(run_dir, main=info.rank == 0)
+    start, skipped, bpb0 = 0, 0, None
+    if resume:
+        if not has_checkpoint(run_dir):
+            raise ValueError(f"train: {run_dir!r} holds no checkpoint to resume (state.json is missing).")
+        state, meta = load_checkpoint(run_dir, state, cfg=cfg, parallel=parallel, optimizer=opt)
+        start, skipped, bpb0 = int(meta["batch_index"]), int(meta["skipped"]), meta.get("val_bpb_start")
+        files.reopen(int(meta["metrics_bytes"]))
+    else:
+        config = {"format": RUN_FORMAT, "format_version": 1, "library_version": __version__,
+                  "model": cfg.to_dict(), "train": dataclasses.asdict(args), "resolved": resolved._asdict()}
+        on_main(lambda: files.start(config, force=force), what="preparing the run directory")
+    step_fn = make_train_step(cfg, opt, policy=policy, accum_steps=resolved.accum_steps, remat=args.remat,
+                              max_grad_norm=args.max_grad_norm or None, donate=True, parallel=parallel)
+    if args.gc_every > 0:
+        step_fn = with_memory_hygiene(step_fn, gc_every=args.gc_every, empty_cache=device.type == "cuda",
+                                      stats=False)
+    val_rows = args.batch_size // resolved.accum_steps  # one micro-batch per rank
+    val_batches = [sample_batch(val_data, val_rows, T, seed=VAL_SEED, index=i, device=device)
+                   for i in range(args.eval_batches)]
+    end = min(args.steps, args.stop_at) if args.stop_at is not None else args.steps
+    return _Run(args, cfg, resolved, run_dir, device, info, parallel, opt, sched, step_fn, state, files, train_data,
+                val_batches, end, start, skipped, bpb0, saved_at=start)
+
+
+def _checkpoint(run: _Run) -> None:
+    run.saved_at = run.it
+    meta = {"batch_index": run.it, "skipped": run.skipped, "metrics_bytes": run.files.tell(),
+            "val_bpb_start": run.bpb0}
+    save_checkpoint(run.run_dir, run.state, cfg=run.cfg, meta=meta, parallel=run.parallel, optimizer=run.optimizer)
+    (run.parallel or single_process()).on_main(lambda: run.files.save_params(run.state.params, run.cfg),
+                                               what="writing params.safetensors")
+
+
+def _evaluate(run: _Run, bar, quiet: bool) -> float:
+    nats = evaluate(run.state.params, run.cfg, get_policy(run.resolved.policy), run.val_batches, info=run.info)
+    run.files.record({"kind": "eval", "step": run.it, "val_loss": nats, "val_bpb": nats / math.log(2)})
+    if not quiet and run.info.rank == 0:
+        bar.write(f"step {run.it}: validation {nats / math.log(2):.3f} bits/byte", file=sys.stderr)
+    return nats / math.log(2)
+
+
+def _loop(run: _Run, bar, stop: StopRequest, *, resume: bool, quiet: bool) -> tuple[str, dict]:
+    """Train from ``run.it`` to ``run.end``; returns the status and the last step's metrics."""
+    args, status, vals = run.args, "done", {}
+    if not resume:
+        run.bpb = run.bpb0 = _evaluate(run, bar, quiet)
+        _checkpoint(run)
+    dynamic = hasattr(run.state.loss_scale, "min_loss_scale")
+    while run.it < run.end and not stop.agreed():
+        batch = sample_batch(run.train_data, args.batch_size, run.resolved.seq_len, seed=args.seed, index=run.it,
+                             device=run.device)
+        if run.info.world_size > 1:
+            batch = shard_batch(batch, run.info.rank, run.info.world_size)
+        lr = float(run.schedule(int(run.state.step)))
+        t0 = time.perf_counter()
+        run.state, m = run.step_fn(run.state, batch)
+        vals = {k: float(v) for k, v in m.items()}  # one host sync, which the step made anyway
+        run.step_s += time.perf_counter() - t0
+        run.it += 1
+        run.tokens += vals["tokens"]  # of all ranks: the metrics are global
+        run.skipped += int(vals["skipped"])
+        peak = peak_bytes(run.device)
+        run.files.record({"kind": "train", "step": run.it, **vals, "skipped": bool(vals["skipped"]), "lr": lr,
+                          "tokens_per_s": run.tokens / run.step_s, "peak_bytes": peak})
+        bar.set_postfix_str(f"loss {vals['loss']:.3f} | {run.tokens / run.step_s:,.0f} tok/s | peak "
+                            f"{format_bytes(peak, unit='MiB', digits=0)} | scale {vals['loss_scale']:g} | "
+                            f"skipped {run.skipped}", refresh=False)
+        bar.update(1)
+        if vals["skipped"] and not (dynamic and vals["loss_scale"] > float(run.state.loss_scale.min_loss_scale)):
+            return "diverged", vals  # non-finite with no loss scaling left to recover
+        if run.it % run.resolved.eval_interval == 0 or run.it == run.end:
+            run.bpb = _evaluate(run, bar, quiet)
+            _checkpoint(run)
+    if stop.agreed():  # every rank asks, so all checkpoint or none does
+        status = "interrupted"
+        _checkpoint(run)
+    elif run.end < args.steps:
+        status = "stopped"
+    if status in ("done", "stopped") and run.bpb is None:  # a resumed run with no step left to take
+        run.bpb = _evaluate(run, bar, quiet)
+    return status, vals
+
+
+def _summary(run: _Run, status: str, vals: dict, seconds: float) -> TrainResult:
+    tps = run.tokens / run.step_s if run.step_s else 0.0
+    peak = peak_bytes(run.device)
+    if status == "diverged":
+        message = (f"memopt: error: train: the loss became non-finite at step {run.it} ({vals['loss']}) under "
+                   f"policy {run.resolved.policy} with no loss scaling left to recover; stopped. The last good "
+                   f"checkpoint (step {run.saved_at}) is kept in {run.run_dir}. Lower --lr (now {run.args.lr:g}) "
+                   "or --max-grad-norm, or use another --policy.")
+    elif status == "interrupted":
+        message = (f"memopt: interrupted at step {run.it}; checkpoint saved in {run.run_dir}. "
+                   f"Continue with: memopt train --resume {run.run_dir}")
+    else:
+        ranks = (f" on {run.info.world_size} ranks (ZeRO stage {run.parallel.zero_stage})"
+                 if run.parallel is not None else "")
+        before = f"{run.bpb0:.3f} -> " if run.bpb0 is not None else ""
+        message = (f"memopt: {status} at step {run.it}/{run.args.steps} in {seconds:.1f} s{ranks}, {tps:,.0f} "
+                   f"tokens/s, validation {before}{run.bpb:.3f} bits/byte, peak memory "
+                   f"{format_bytes(peak, unit='MiB', digits=0)}, skipped {run.skipped}; run directory "
+                   f"{run.run_dir} (sample with: memopt sample {run.run_dir})")
+    return TrainResult(status, run.it, run.bpb0, run.bpb, seconds, tps, peak, run.run_dir, message)
+
+
+def train(
+    args: TrainArgs, cfg: ModelConfig, resolved: Resolved, run_dir: str, device: torch.device,
+    *, resume: bool = False, force: bool = False, quiet: bool = False, info: DistInfo | None = None,
+) -> TrainResult:
+    """Run (or resume) training into ``run_dir``; see the module docstring for what it writes.
+
+    Args:
+        args: the run's arguments; cfg: the model; resolved: the "auto" choices, already made.
+        run_dir: the run directory (created; refused when it holds files, unless ``force``).
+        device: where to train.
+        resume: continue the checkpoint in ``run_dir`` (config.json is not rewritten).
+        force: replace a previous run in ``run_dir``.
+        quiet: no progress bar.
+        info: this process's place in a data-parallel job (from ``init_distributed``; None: that
+            of the default process group, or one process without one). ``args.batch_size`` is the
+            global batch, split evenly over the ranks, and ``resolved.accum_steps`` counts each
+            rank's micro-batches.
+
+    Returns:
+        A TrainResult (the same on every rank); progress goes to stderr from rank 0, and nothing is
+        printed to stdout.
+    """
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    info = info or DistInfo(*world(), 0, device)  # the default process group, if the caller made one
+    run = _set_up(args, cfg, resolved, run_dir, device, info, resume=resume, force=force)
+    bar = tqdm(total=run.end, initial=run.it, desc="train", unit="step", disable=quiet or info.rank != 0,
+               dynamic_ncols=True, file=sys.stderr)
+    try:
+        with StopRequest(info) as stop:
+            status, vals = _loop(run, bar, stop, resume=resume, quiet=quiet)
+    finally:
+        bar.close()
+        run.files.close()
+    return _summary(run, status, vals, time.perf_counter() - t_start)

@@ -1,0 +1,288 @@
+"""A run of ``memopt train``: its arguments, what "auto" resolves to, and its directory.
+
+``config.json`` records a run as :class:`TrainArgs` (every argument) and :class:`Resolved` (what
+the "auto" ones became, reused on resume). Beside it the run directory holds ``metrics.jsonl`` (one
+JSON object per step and per evaluation), a resumable checkpoint (``state.json`` + tensors, see
+``_checkpoint``) and ``params.safetensors`` (the checkpoint's params in fp16). In a data-parallel
+run rank 0 writes every file; :class:`RunFiles` does nothing on the other ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, NamedTuple
+
+import torch
+
+from ..data.batch import rows_per_microbatch
+from ..io.files import atomic_write_json
+from ..io.params import save_params
+from ..memory.rss import rss_peak
+from ..model.config import ModelConfig, get_config
+from ..model.remat import remat_layers
+from ..train.loss_scale import loss_scale_from_spec
+from ..train.precision import get_policy
+
+__all__ = [
+    "RUN_FORMAT", "CPU_DEFAULT_POLICY", "TrainArgs", "Resolved", "resolve_args", "resolve_device", "resolve_threads",
+    "RunFiles", "read_run_config", "prepare_run_dir", "peak_bytes",
+]
+
+RUN_FORMAT = "functional_memopt.run"
+FLAGS = ("--batch-size", "--accum-steps")  # how the command names the batch size and accumulation steps
+_RUN_FILES = ("config.json", "metrics.jsonl", "params.safetensors", "state.json")
+# On the CPU "auto" takes the policy measured fastest for the tiny preset (batch 32 = 4 x 8,
+# sequence 128) on a 2-core AVX-512 machine with bf16 instructions; without bf16 instructions
+# bf16 matmuls are emulated, so fp32 is taken there.
+CPU_DEFAULT_POLICY = "mixed_bf16"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainArgs:
+    """Every argument of ``memopt train`` that shapes a run, as recorded in config.json."""
+
+    preset: str = "tiny"  # a name from PRESETS
+    n_layer: int | None = None  # overrides of the preset's shape (None: keep the preset's)
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None
+    policy: str = "auto"  # precision policy string, or "auto" (best for the device)
+    loss_scale: str = "auto"  # "auto" (dynamic for fp16 compute), "none", "dynamic" or a number
+    batch_size: int = 32  # rows per optimizer step, over all ranks (each takes batch_size / ranks)
+    accum_steps: int | None = None  # micro-batches per step and rank (None: the first of 4, 2, 1 that divides)
+    seq_len: int | None = None  # tokens per row (None: block_size)
+    remat: str = "none"  # "none", "all" or N (every N-th block)
+    lr: float = 2e-3  # peak learning rate
+    min_lr: float | None = None  # final learning rate of the cosine schedule (None: lr / 10)
+    warmup_steps: int | None = None  # linear warmup steps (None: steps // 8, at most 100)
+    schedule: str = "cosine"  # "cosine" or "constant" (after the warmup)
+    weight_decay: float = 0.1  # AdamW's decoupled decay, on matrices only
+    beta1: float = 0.9
+    beta2: float = 0.99
+    max_grad_norm: float = 1.0  # global-norm clipping (0: off)
+    steps: int = 420  # optimizer steps (batches) in the whole run (about 3 minutes on 2 CPU cores)
+    stop_at: int | None = None  # stop (with a checkpoint) at this step; the schedule still spans `steps`
+    eval_interval: int | None = None  # steps between evaluations and checkpoints (None: steps // 6)
+    eval_batches: int = 8  # validation batches of batch_size // accum_steps rows, shared out over the ranks
+    corpus: str | None = None  # a text file or folder (None: the built-in corpus)
+    seed: int = 0  # init and batch order
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    threads: str = "auto"  # CPU threads: "auto" (the cores not busy now) or a number
+    gc_every: int = 0  # memory hygiene every N steps (0: off)
+    zero_stage: int = 0  # under torchrun: 0 replicated, 1 optimizer state sharded, 2 gradients too
+    dist_timeout: float = 600.0  # seconds before a missing rank or a stuck collective is an error
+
+
+class Resolved(NamedTuple):
+    """What the "auto" arguments resolved to; stored in config.json and reused on resume."""
+
+    policy: str
+    loss_scale: str
+    accum_steps: int
+    seq_len: int
+    warmup_steps: int
+    eval_interval: int
+    threads: int
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (without them bf16 matmuls are emulated, and slow)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The device of ``--device`` (auto: CUDA when available); ValueError for one this machine lacks."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: CUDA is not available on this machine; use --device cpu.")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}.")
+    return device
+
+
+def resolve_threads(spec: str) -> int:
+    """CPU threads of ``--threads``: a number, or auto (the idle cores, shared by the ranks on this machine)."""
+    if spec != "auto":
+        if not spec.isdigit() or int(spec) < 1:
+            raise ValueError(f"train: --threads must be auto or an integer >= 1, got {spec!r}.")
+        return int(spec)
+    cores = torch.get_num_threads()
+    try:  # threads beyond the idle cores spin against other processes (measured 7x slower)
+        busy = int(os.getloadavg()[0])
+    except (OSError, AttributeError):
+        busy = 0
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes on this machine share the cores
+    return max(1, min(cores, ((os.cpu_count() or cores) - busy) // ranks_here))
+
+
+def resolve_args(args: TrainArgs, device: torch.device, world_size: int = 1):
+    """``(cfg, Resolved)``: the model and the "auto" choices for ``device`` and ``world_size`` ranks, checked."""
+    overrides = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(args, k)}
+    cfg = get_config(args.preset, **overrides)
+    policy = args.policy
+    if policy == "auto":
+        if device.type == "cuda":
+            policy = "mixed_bf16" if torch.cuda.is_bf16_supported() else "mixed_fp16"
+        else:
+            policy = CPU_DEFAULT_POLICY if cpu_has_bf16() else "fp32"
+    pol = get_policy(policy)  # raises for a string it cannot read
+    loss_scale = args.loss_scale
+    if loss_scale == "auto":
+        loss_scale = "dynamic" if pol.compute_dtype == torch.float16 else "none"
+    try:
+        loss_scale_from_spec(loss_scale)
+    except ValueError:
+        raise ValueError(f"train: --loss-scale must be auto, none, dynamic or a number > 0, got {loss_scale!r}.") from None
+    rows = args.batch_size // world_size if args.batch_size % world_size == 0 else args.batch_size
+    accum = args.accum_steps or next(k for k in (4, 2, 1) if rows % k == 0)
+    rows_per_microbatch(args.batch_size, accum, world_size, caller="train", names=FLAGS)
+    seq_len = args.seq_len or cfg.block_size
+    if seq_len > cfg.block_size:
+        raise ValueError(
+            f"train: --seq-len {seq_len} exceeds the block size {cfg.block_size}; lower it or raise --block-size."
+        )
+    try:
+        remat_layers(args.remat, cfg.n_layer)
+    except ValueError:
+        raise ValueError(f"train: --remat must be none, all, an integer N >= 1 (every N-th block) or block indices "
+                         f"such as 0,2; got {args.remat!r}.") from None
+    warmup = min(100, args.steps // 8) if args.warmup_steps is None else args.warmup_steps
+    if warmup < 0 or warmup > args.steps:
+        raise ValueError(f"train: --warmup-steps must be between 0 and --steps ({args.steps}), got {warmup}.")
+    if args.gc_every < 0:
+        raise ValueError(f"train: --gc-every must be >= 0, got {args.gc_every}.")
+    if args.max_grad_norm < 0:
+        raise ValueError(f"train: --max-grad-norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}.")
+    interval = args.eval_interval or max(1, args.steps // 6)
+    return cfg, Resolved(policy, loss_scale, accum, seq_len, warmup, interval, resolve_threads(args.threads))
+
+
+def read_run_config(run_dir: str) -> dict:
+    """The parsed config.json of a run directory; ValueError when it is not one."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"train: no run directory at {run_dir!r}; check the path.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"train: {run_dir!r} is not a memopt run directory (it has no config.json).") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"train: {path!r} is not valid JSON ({err}); the run directory is damaged.") from None
+    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
+        raise ValueError(f"train: {path!r} is not a memopt run config (no format {RUN_FORMAT!r}).")
+    return record
+
+
+def prepare_run_dir(run_dir: str, *, force: bool, dry_run: bool = False) -> None:
+    """Check that ``run_dir`` may hold a new run; unless ``dry_run``, clear a previous run and create it."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"train: the run directory {run_dir!r} is a file; choose another --run-dir.")
+    entries = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    if entries and not force:
+        raise ValueError(
+            f"train: the run directory {run_dir!r} already exists and is not empty; pass --force to "
+            f"replace that run, --resume {run_dir} to continue it, or choose another --run-dir."
+        )
+    if entries:
+        ours = set(_RUN_FILES) | {e for e in entries if e.startswith("state-") and e.endswith(".safetensors")}
+        if "config.json" not in entries or set(entries) - ours - {e for e in entries if e.startswith(".")}:
+            raise ValueError(
+                f"train: {run_dir!r} holds files that are not a memopt run ({sorted(set(entries) - ours)[:5]}); "
+                "--force only replaces a previous run. Choose another --run-dir."
+            )
+        read_run_config(run_dir)
+        if dry_run:
+            return
+        for name in entries:
+            if name in ours:
+                os.unlink(os.path.join(run_dir, name))
+    if not dry_run:
+        os.makedirs(run_dir, exist_ok=True)
+
+
+def _write_json(path: str, record: dict) -> None:
+    atomic_write_json(path, record, caller="train", indent=2)
+
+
+class RunFiles:
+    """config.json, metrics.jsonl and params.safetensors of one run; every method is a no-op off rank 0.
+
+    Example:
+        >>> files = RunFiles("runs/demo", main=True)  # doctest: +SKIP
+        >>> files.start({"format": RUN_FORMAT, ...}, force=False); files.record({"step": 1})  # doctest: +SKIP
+    """
+
+    def __init__(self, run_dir: str, *, main: bool = True) -> None:
+        self.run_dir = run_dir
+        self.main = main
+        self._log = None
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.run_dir, "metrics.jsonl")
+
+    def start(self, config: dict, *, force: bool) -> None:
+        """A new run: clear a previous one (with ``force``), write config.json, start an empty log."""
+        if self.main:
+            prepare_run_dir(self.run_dir, force=force)
+            _write_json(os.path.join(self.run_dir, "config.json"), config)
+            self._log = open(self.metrics_path, "w", encoding="utf-8")
+
+    def reopen(self, metrics_bytes: int) -> None:
+        """A resumed run: drop log lines written after the checkpoint, then append."""
+        if not self.main:
+            return
+        if os.path.exists(self.metrics_path):
+            with open(self.metrics_path, "r+b") as f:
+                f.truncate(min(int(metrics_bytes), os.path.getsize(self.metrics_path)))
+        self._log = open(self.metrics_path, "a", encoding="utf-8")
+
+    def record(self, obj: dict) -> None:
+        """Append one line to metrics.jsonl and flush it."""
+        if self._log is None:
+            return
+        # Strict JSON has no nan or inf: write those as strings so every reader can parse the file.
+        obj = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in obj.items()}
+        self._log.write(json.dumps(obj) + "\n")
+        self._log.flush()
+
+    def tell(self) -> int:
+        """Bytes of metrics.jsonl so far (0 off rank 0): a checkpoint's place in the log."""
+        if self._log is None:
+            return 0
+        self._log.flush()
+        return self._log.tell()
+
+    def save_params(self, params: Any, cfg: ModelConfig) -> None:
+        """params.safetensors in fp16 (fp32 when a value is beyond fp16's range)."""
+        if not self.main:
+            return
+        path = os.path.join(self.run_dir, "params.safetensors")
+        try:
+            save_params(path, params, cfg, dtype=torch.float16)
+        except ValueError:  # a value beyond fp16's range: keep the params whole
+            save_params(path, params, cfg, dtype=torch.float32)
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def peak_bytes(device: torch.device) -> int:
+    """CUDA max_memory_allocated, or this process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return rss_peak()

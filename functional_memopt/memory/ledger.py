@@ -1,0 +1,277 @@
+"""The memory ledger: predicted bytes of one training step, item by item, and its peak.
+
+Every activation term is counted from what the model's pure functions save for the backward pass
+(``torch.autograd.graph.saved_tensors_hooks`` on ``apply``; tests/test_ledger.py holds the count
+exact). Per block, with N = micro-batch tokens, C = width, H = mlp width, h = heads, in bytes of the
+compute dtype ``cs`` (layer-norm statistics in ``sb``: the compute dtype on the CPU, float32 on CUDA)::
+
+    x, ln_1 out, qkv (3C), attention out, x + attn, ln_2 out, c_fc out (H), gelu out (H), and
+    the mean and rstd of both layer norms
+    = N * ((8C + 2H) * cs + 4 * sb + 4h)        # 4h: SDPA's float32 log-sum-exp per head
+
+A rematerialised block keeps only its input (N * C * cs); its activations come back, one block at a
+time, while its backward runs. The cross-entropy peaks in its backward, where the saved float32
+log-softmax, the dense NLL gradient and the log-softmax gradient are alive together: 12 bytes per
+logit, more than the forward's compute-dtype logits plus their float32 copy and log-softmax.
+
+The step does not hold every item at once, so the total is a peak over moments, not a sum: the
+start of the backward (all activations, the logits' buffers, no gradients yet), each block's
+backward (fewer activations, more finished gradients), and the optimizer update (gradients, AdamW's
+new moments and temporaries, no activations). This models ``make_train_step`` with the default
+``engine="autograd"``. ``engine="func"`` differentiates with ``create_graph=True`` (inside
+``torch.func.grad_and_value``), which keeps every saved tensor until the backward ends: 1.7x the
+autograd peak on a small model, not modelled here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+
+from ..data.batch import rows_per_microbatch
+from ..model.config import ModelConfig
+from ..model.layout import param_shapes
+from ..model.remat import remat_layers
+from ..train.precision import get_policy
+
+__all__ = ["MemorySettings", "MemoryPrediction", "predict_memory", "ablation", "ITEMS", "block_saved_bytes",
+           "saved_activation_bytes"]
+
+ITEMS = ("params", "compute_params", "gradients", "optimizer", "accumulator", "activations", "logits",
+         "update", "batch")
+
+
+class MemorySettings(NamedTuple):
+    """The techniques a prediction (or a measurement) is made for."""
+
+    policy: str = "fp32"  # precision policy name (see get_policy)
+    accum_steps: int = 1  # micro-batches per step; must divide the batch size
+    remat: Any = None  # blocks rematerialised: None, "all", every n-th as an int, or indices
+    tied: bool = True  # one leaf for embedding and head; False adds a separate (V, C) lm_head
+    zero_stage: int = 0  # 0, 1 (optimizer state sharded) or 2 (and gradients)
+    world_size: int = 1  # ranks the ZeRO shards are spread over
+    donate: bool = False  # make_train_step(donate=True): the optimizer updates in place
+
+
+class MemoryPrediction(NamedTuple):
+    """Predicted bytes of one step; every item an int, ``total`` the predicted peak."""
+
+    params: int  # master params at param dtype (with the lm_head when untied)
+    compute_params: int  # the compute-dtype copy a mixed policy casts (0 when the dtypes agree)
+    gradients: int  # the gradient tree at accumulator dtype (/N under ZeRO stage 2)
+    optimizer: int  # AdamW's two moments at param dtype (/N under ZeRO stage >= 1)
+    accumulator: int  # float32 gradient sum held while later micro-batches run (0 when k = 1)
+    activations: int  # saved for backward by one micro-batch (remat: plus one block's recompute)
+    logits: int  # the cross-entropy's float32 (b, T, V) buffers at their peak (12 bytes a logit)
+    update: int  # optimizer temporaries: new moments, the update and the decay term (/N, ZeRO >= 1)
+    batch: int  # tokens, targets and loss mask of the whole batch
+    total: int  # the predicted peak: the largest of the moments in ``peak``
+    phase: str  # which moment holds the peak: "loss", "block i" or "update"
+    peak: dict  # {item: bytes} alive at that moment; sums to ``total``
+    moments: dict  # {moment: bytes} predicted at every moment considered
+    settings: MemorySettings  # what was predicted
+
+    def breakdown(self) -> dict:
+        """``{item: bytes}`` for every item in ITEMS (sizes, not all alive at the same moment)."""
+        return {name: getattr(self, name) for name in ITEMS}
+
+
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def block_saved_bytes(cfg: ModelConfig, tokens: int, *, compute_bytes: int, stat_bytes: int) -> int:
+    """Bytes one transformer block saves for backward for ``tokens`` = B * T tokens.
+
+    Example:
+        >>> block_saved_bytes(ModelConfig(n_embd=32, n_head=4), 10, compute_bytes=4, stat_bytes=4)
+        20800
+    """
+    C, H = cfg.n_embd, cfg.mlp_ratio * cfg.n_embd
+    return tokens * ((8 * C + 2 * H) * compute_bytes + 4 * stat_bytes + 4 * cfg.n_head)
+
+
+class _Saved(NamedTuple):
+    kept: list  # bytes each block keeps through the forward (its input alone under remat)
+    full: int  # bytes one block saves without remat
+    head: int  # final layer norm's input, statistics and output
+    loss: int  # per-token loss weights, position ids, the NLL's total weight
+    log_softmax: int  # the cross-entropy's saved float32 log-probabilities
+
+
+def _saved(cfg, batch_size, seq_len, *, cb: int, sb: int, chosen) -> _Saved:
+    N, C = batch_size * seq_len, cfg.n_embd
+    full = block_saved_bytes(cfg, N, compute_bytes=cb, stat_bytes=sb)
+    kept = [N * C * cb if i in chosen else full for i in range(cfg.n_layer)]
+    return _Saved(kept, full, N * (2 * C * cb + 2 * sb), N * 4 + seq_len * 8 + 4, N * cfg.vocab_size * max(cb, 4))
+
+
+def saved_activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int, *,
+                           compute_dtype: torch.dtype = torch.float32, remat: Any = None, device: str = "cpu") -> int:
+    """Bytes the forward of ``loss_fn`` saves for backward, beyond the params and the batch.
+
+    The sum of what every block keeps, the final norm, the loss's per-token vectors and the
+    float32 log-softmax; the count that tests/test_ledger.py checks against saved-tensor hooks.
+
+    Example:
+        >>> saved_activation_bytes(ModelConfig(n_layer=2), 4, 32) > 0
+        True
+    """
+    sb = 4 if device == "cuda" else _dtype_bytes(compute_dtype)
+    sv = _saved(cfg, batch_size, seq_len, cb=_dtype_bytes(compute_dtype), sb=sb,
+                chosen=remat_layers(remat, cfg.n_layer))
+    return sum(sv.kept) + sv.head + sv.loss + sv.log_softmax
+
+
+def _check(cfg, batch_size, seq_len, s: MemorySettings, device) -> None:
+    fn = "predict_memory"
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"{fn}: cfg must be a ModelConfig, got {type(cfg).__name__}; use get_config('tiny').")
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("accum_steps", s.accum_steps),
+                        ("world_size", s.world_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{fn}: {name} must be an integer >= 1, got {value!r}.")
+    if seq_len > cfg.block_size:
+        raise ValueError(f"{fn}: seq_len {seq_len} is longer than block_size {cfg.block_size}; "
+                         "shorten the sequence or raise block_size.")
+    rows_per_microbatch(batch_size, s.accum_steps, caller=fn)
+    if s.zero_stage not in (0, 1, 2):
+        raise ValueError(f"{fn}: zero_stage must be 0, 1 or 2, got {s.zero_stage!r}.")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"{fn}: device must be 'cpu' or 'cuda', got {device!r}.")
+
+
+def predict_memory(cfg: ModelConfig, *, batch_size: int, seq_len: int, device: str = "cpu",
+                   **settings) -> MemoryPrediction:
+    """Predict the bytes of one ``make_train_step`` step with AdamW, item by item.
+
+    Args:
+        cfg: the model shape.
+        batch_size: rows per step (B); split into ``accum_steps`` micro-batches.
+        seq_len: tokens per row (T <= block_size).
+        device: "cpu" or "cuda" (CUDA's layer norm keeps its statistics in float32).
+        **settings: the fields of :class:`MemorySettings` (policy, accum_steps, remat, tied,
+            zero_stage, world_size, donate).
+
+    Returns:
+        A :class:`MemoryPrediction`.
+
+    Example:
+        >>> p = predict_memory(ModelConfig(), batch_size=8, seq_len=128, policy="mixed_bf16")
+        >>> p.total > p.params
+        True
+    """
+    unknown = sorted(set(settings) - set(MemorySettings._fields))
+    if unknown:
+        raise TypeError(f"predict_memory: unknown settings {unknown}; expected some of {MemorySettings._fields}.")
+    s = MemorySettings(**settings)
+    _check(cfg, batch_size, seq_len, s, device)
+    pol = get_policy(s.policy)  # raises ValueError naming the accepted forms
+    chosen = remat_layers(s.remat, cfg.n_layer)
+    pb, cb = _dtype_bytes(pol.param_dtype), _dtype_bytes(pol.compute_dtype)
+    gb = max(pb, 4)  # the fold hands the optimizer float32 (or wider) gradients
+    C, V, L = cfg.n_embd, cfg.vocab_size, cfg.n_layer
+    H = cfg.mlp_ratio * C
+
+    shapes = param_shapes(cfg)
+    n_blk = sum(math.prod(v) for k, v in shapes.items() if k.startswith("h.0."))
+    n_head = math.prod(shapes["wte"]) + sum(math.prod(v) for k, v in shapes.items() if k.startswith("ln_f"))
+    n_head += 0 if s.tied else V * C
+    n_params = sum(math.prod(v) for v in shapes.values()) + (0 if s.tied else V * C)
+    n_mlp_out = math.prod(shapes["h.0.mlp.c_proj.weight"]) + (C if cfg.bias else 0)
+    n_ln = 2 * C if cfg.bias else C
+    shard = lambda n: -(-n // s.world_size)  # noqa: E731  ceil: ZeRO pads the flat vector to N slices
+
+    params = n_params * pb
+    compute = n_params * cb if pol.compute_dtype != pol.param_dtype else 0
+    cc_blk = n_blk * cb if compute else 0
+    grads = (shard(n_params) if s.zero_stage == 2 else n_params) * gb
+    optimizer = 2 * (shard(n_params) if s.zero_stage >= 1 else n_params) * pb
+    accumulator = n_params * 4 if s.accum_steps > 1 else 0
+    n_upd = shard(n_params) if s.zero_stage >= 1 else n_params
+    # Out of place: new mu and nu, the update, and the fused kernel's working copy of the params
+    # (measured: examples/memory_ablation.py matches to 0.1%); donated: one temporary.
+    update = n_upd * pb * (1 if s.donate else 4)
+    batch = batch_size * seq_len * (8 + 8 + 4)
+
+    b = batch_size // s.accum_steps
+    N = b * seq_len
+    sv = _saved(cfg, b, seq_len, cb=cb, sb=4 if device == "cuda" else cb, chosen=chosen)
+    # A block's backward peaks at its MLP (the gelu gradients) or at its attention (the q, k, v
+    # gradients, most of the block's weight gradients done). Under remat the recompute's vjp also
+    # holds every recomputed tensor and the block's output until the block is finished.
+    attn_saved = N * (6 * C * cb + 2 * (4 if device == "cuda" else cb) + 4 * cfg.n_head)
+    points = {  # remat? -> [(activation bytes, the block's own finished gradient elements)]
+        True: [(sv.full + (2 * N * H + 2 * N * C) * cb, n_mlp_out), (sv.full + 7 * N * C * cb, n_blk - n_ln)],
+        False: [(sv.full + (N * H + N * C) * cb, n_mlp_out), (attn_saved + 6 * N * C * cb, n_blk - n_ln)],
+    }
+    logits = 3 * sv.log_softmax  # saved log-softmax, NLL gradient, log-softmax gradient
+    forward = sum(sv.kept) + sv.head + sv.loss
+    recompute = max((a - N * C * cb for i in chosen for a, _ in points[True]), default=0)
+
+    static = {"params": params, "optimizer": optimizer, "batch": batch}
+    # The wpe copy is only read by an embedding, which saves indices, so it is gone by the loss.
+    moments = {"loss": {**static, "compute_params": compute - (math.prod(shapes["wpe"]) * cb if compute else 0),
+                        "accumulator": accumulator, "activations": forward, "logits": logits}}
+    # Block j's backward: blocks below still hold their saved tensors; the head and the blocks
+    # above are done, so their compute copies are gone and their gradients exist, in the compute
+    # dtype: the casts back to the param dtype were recorded first, so autograd runs them last.
+    for j in range(L - 1, -1, -1):
+        for a, own in points[j in chosen]:
+            moment = {**static, "compute_params": cc_blk * (j + 1), "accumulator": accumulator,
+                      "activations": sum(sv.kept[:j]) + a + seq_len * 8,
+                      "gradients": (n_head + (L - 1 - j) * n_blk + own) * cb}
+            if sum(moment.values()) > sum(moments.get(f"block {j}", {}).values()):
+                moments[f"block {j}"] = moment
+    # A half-precision param dtype adds the gradients cast back from the float32 fold.
+    moments["update"] = {**static, "gradients": grads + (n_params * pb if pb < 4 else 0), "update": update}
+    phase = max(moments, key=lambda k: sum(moments[k].values()))
+    peak = {k: v for k, v in moments[phase].items() if v}
+    return MemoryPrediction(params, compute, grads, optimizer, accumulator, forward + recompute, logits, update,
+                            batch, sum(peak.values()), phase, peak,
+                            {k: sum(v.values()) for k, v in moments.items()}, s)
+
+
+def ablation(cfg: ModelConfig, batch_size: int, seq_len: int, *, policy: str = "mixed_bf16",
+             accum_steps: int = 4, remat: Any = "all", zero_stage: int = 0, world_size: int = 1,
+             device: str = "cpu") -> list[tuple[str, MemoryPrediction]]:
+    """Predictions for the baseline, each technique added alone, and all together.
+
+    The baseline is fp32, one micro-batch, no remat, an untied head (the library always ties; the
+    ledger and the measurement model the untied head as a separate ``lm_head`` leaf).
+
+    Args:
+        cfg, batch_size, seq_len, device: as for :func:`predict_memory`.
+        policy: the mixed policy of the precision row.
+        accum_steps: k of the accumulation row (1 leaves the row out).
+        remat: remat spec of the remat row (None leaves the row out).
+        zero_stage, world_size: a ZeRO row when both are past their defaults.
+
+    Returns:
+        ``[(name, prediction), ...]``, the baseline first and "all" last.
+
+    Example:
+        >>> rows = ablation(ModelConfig(), 8, 128)
+        >>> [name for name, _ in rows][0], rows[-1][1].total < rows[0][1].total
+        ('baseline', True)
+    """
+    for name, value, low in (("accum_steps", accum_steps, 1), ("world_size", world_size, 1),
+                             ("zero_stage", zero_stage, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"ablation: {name} must be an integer >= {low}, got {value!r}.")
+    base = MemorySettings(policy="fp32", tied=False)
+    alone = [(f"{policy}", {"policy": policy})]
+    if accum_steps > 1:
+        alone.append((f"accum {accum_steps}", {"accum_steps": accum_steps}))
+    if remat not in (None, "none", False):
+        alone.append((f"remat {remat}", {"remat": remat}))
+    alone.append(("tied", {"tied": True}))
+    if zero_stage > 0 and world_size > 1:
+        alone.append((f"zero{zero_stage} x{world_size}", {"zero_stage": zero_stage, "world_size": world_size}))
+    rows = [("baseline", base)] + [(name, base._replace(**change)) for name, change in alone]
+    everything = base._replace(**{k: v for _, change in alone for k, v in change.items()})
+    rows.append(("all", everything))
+    return [(name, predict_memory(cfg, batch_size=batch_size, seq_len=seq_len, device=device, **s._asdict()))
+            for name, s in rows]

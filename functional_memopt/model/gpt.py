@@ -1,0 +1,184 @@
+"""A GPT-2 style model as pure functions over a nested dict of tensors.
+
+Pre-norm blocks (x + attn(ln_1(x)); x + mlp(ln_2(x))), a final layer norm, tanh GELU, and one
+tied leaf ``wte`` that is both the token embedding and the output head. Linear weights are stored
+(out, in) as ``F.linear`` wants them. Nothing here mutates ``params``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ..data.batch import IGNORE_INDEX, token_weights
+from .attention import build_attention_mask, causal_attention, positions_from_segments
+from .config import ModelConfig
+from .layout import check_params
+from .remat import RematSpec, remat_layers
+from .remat import remat as rematerialise
+
+__all__ = ["apply", "final_features", "loss_fn", "token_loss", "block_apply", "check_tokens"]
+
+
+def check_tokens(tokens: torch.Tensor, cfg: ModelConfig) -> None:
+    """Raise TypeError / ValueError for tokens that ``apply`` cannot take."""
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"apply: tokens must be a torch.Tensor of int64 ids, got {type(tokens).__name__}.")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise TypeError(
+            f"apply: tokens must be integer ids (int64), got dtype {tokens.dtype}; "
+            "convert with tokens.long() if the values are whole numbers."
+        )
+    if tokens.dim() != 2:
+        raise ValueError(f"apply: tokens must have shape (B, T), got {tuple(tokens.shape)}.")
+    T = tokens.shape[1]
+    if T > cfg.block_size:
+        raise ValueError(
+            f"apply: sequence length {T} is longer than block_size {cfg.block_size}; "
+            "truncate the sequence or use a config with a larger block_size."
+        )
+    if tokens.numel():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"apply: token id {bad} is outside [0, vocab_size={cfg.vocab_size}); "
+                "check the tokenizer matches the model's vocabulary."
+            )
+
+
+def _layer_norm(x: torch.Tensor, p: dict, eps: float) -> torch.Tensor:
+    # CPU and CUDA layer_norm kernels accumulate mean and variance in float32 for half inputs.
+    return F.layer_norm(x, (x.shape[-1],), p["weight"], p.get("bias"), eps)
+
+
+def _mlp(x: torch.Tensor, p: dict) -> torch.Tensor:
+    h = F.gelu(F.linear(x, p["c_fc"]["weight"], p["c_fc"].get("bias")), approximate="tanh")
+    return F.linear(h, p["c_proj"]["weight"], p["c_proj"].get("bias"))
+
+
+def block_apply(block: dict, x: torch.Tensor, *, cfg: ModelConfig, mask: torch.Tensor | None) -> torch.Tensor:
+    """One pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    eps = cfg.layer_norm_eps
+    a = block["attn"]
+    x = x + causal_attention(_layer_norm(x, block["ln_1"], eps), a["c_attn"], a["c_proj"], cfg.n_head, mask=mask)
+    return x + _mlp(_layer_norm(x, block["ln_2"], eps), block["mlp"])
+
+
+def _block_fn(block, x, *, cfg, mask):
+    return block_apply(block, x, cfg=cfg, mask=mask)
+
+
+def apply(
+    params: dict,
+    tokens: torch.Tensor,
+    cfg: ModelConfig,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    remat: RematSpec = None,
+    check: bool = True,
+) -> torch.Tensor:
+    """The model's logits for ``tokens``; a pure function of ``params``.
+
+    Args:
+        params: tree from :func:`init_params` (any floating dtype; the compute runs in it).
+        tokens: (B, T) int64 ids in [0, vocab_size), T <= block_size.
+        cfg: the config the params were made for.
+        attention_mask: optional (B, T), 1 for real tokens and 0 for padding keys.
+        segment_ids: optional (B, T) document ids for packed rows; attention stays inside a
+            document and positions restart at each document's first token.
+        remat: which blocks to rematerialise (see :func:`remat_layers`).
+        check: validate params and tokens (costs a host sync for the token range).
+
+    Returns:
+        (B, T, vocab_size) logits, in the params' dtype.
+
+    Example:
+        >>> cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)
+        >>> apply(init_params(cfg), torch.zeros(2, 8, dtype=torch.long), cfg).shape
+        torch.Size([2, 8, 256])
+    """
+    if check:
+        check_tokens(tokens, cfg)
+        check_params(params, cfg)
+    x = final_features(params, tokens, cfg, attention_mask=attention_mask, segment_ids=segment_ids, remat=remat)
+    # Weight tying: the head is the embedding matrix itself (Press & Wolf 2017); no copy is made.
+    return F.linear(x, params["wte"])  # (B, T, V)
+
+
+def final_features(
+    params: dict,
+    tokens: torch.Tensor,
+    cfg: ModelConfig,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    remat: RematSpec = None,
+) -> torch.Tensor:
+    """Everything of :func:`apply` before the head: (B, T, C) after the final layer norm.
+
+    Reads only wte (as the embedding), wpe, h and ln_f, so a variant head (e.g. an untied one in
+    the memory ledger's baseline) can be put on top. No input checks.
+    """
+    T = tokens.shape[1]
+    if segment_ids is not None:
+        pos = positions_from_segments(segment_ids)
+    else:
+        pos = torch.arange(T, device=tokens.device)
+    x = F.embedding(tokens, params["wte"]) + F.embedding(pos, params["wpe"])  # (B, T, C)
+    mask = build_attention_mask(T, attention_mask=attention_mask, segment_ids=segment_ids, device=tokens.device)
+    fn = functools.partial(_block_fn, cfg=cfg, mask=mask)
+    chosen = remat_layers(remat, cfg.n_layer)
+    for i, block in enumerate(params["h"]):
+        x = rematerialise(fn, block, x) if i in chosen else fn(block, x)
+    return _layer_norm(x, params["ln_f"], cfg.layer_norm_eps)
+
+
+def loss_fn(
+    params: dict,
+    tokens: torch.Tensor,
+    targets: torch.Tensor,
+    cfg: ModelConfig,
+    *,
+    mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    remat: RematSpec = None,
+    check: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token cross-entropy in float32 and the number of tokens counted.
+
+    Returning the sum and the count (not the mean) lets accumulation normalise by the total token
+    count over all micro-batches, which a mean of per-micro-batch means gets wrong when the counts
+    differ.
+
+    Args:
+        params, tokens, cfg, attention_mask, segment_ids, remat, check: as for :func:`apply`.
+        targets: (B, T) next-token ids; IGNORE_INDEX marks positions not counted.
+        mask: optional (B, T) loss mask, nonzero where the token counts.
+
+    Returns:
+        (loss_sum, count): 0-d float32 tensors (float64 when the params are float64).
+    """
+    logits = apply(
+        params, tokens, cfg, attention_mask=attention_mask, segment_ids=segment_ids, remat=remat, check=check
+    )
+    return token_loss(logits, targets, mask)
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> tuple:
+    """Summed cross-entropy of (B, T, V) logits and the count of tokens it covers.
+
+    Targets equal to IGNORE_INDEX and positions where ``mask`` is 0 are not counted.
+    """
+    # Half-precision logits are upcast so the log-softmax and the sum run in float32; float64
+    # stays float64 (the property tests run in it).
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    nll = F.cross_entropy(
+        logits.to(acc).flatten(0, 1), targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX
+    )  # (B*T,), float32
+    weight = token_weights(targets, mask, dtype=acc)
+    return (nll * weight).sum(), weight.sum()

@@ -1,0 +1,207 @@
+"""The composed training step: precision policy, loss scaling, accumulation, clipping, optimizer.
+
+``make_train_step`` returns one pure function ``step(state, batch) -> (state, metrics)``. As the
+code runs it, with S the loss scale and N the tokens counted in the whole batch (all ranks)::
+
+    N = parallel.count(token_count(batch))                 # known before the fold
+    batch --split--> k micro-batches; for each (one micro-batch's activations alive at a time):
+        value_and_grad of loss_sum * S / N under the policy   # autograd engine by default
+        fold: float32 accumulator += grads; loss sums and counts summed
+    acc = parallel.reduce(acc)                              # data parallel: one bucketed collective
+    grads = acc / S, in place (exact for a power-of-two S)
+    finite, norm = parallel.summarize(grads)               # one pass: global norm and finite check
+    not finite -> state unchanged but the loss scale       # one host sync, as GradScaler.step makes
+    clip by the unscaled norm; parallel.update (AdamW, in place when donated); loss scale adjusts
+
+The default engine is ``torch.autograd.grad`` over the pure loss; ``torch.func`` keeps every saved
+tensor alive until its backward ends (1.7x the peak), so it is an opt-in (``engine="func"``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import optree
+import torch
+
+from ..data.batch import Batch, split_microbatches, token_count
+from ..model.config import ModelConfig
+from ..model.gpt import loss_fn as model_loss_fn
+from ..model.remat import RematSpec
+from ..optim.base import GradientTransformation
+from ..optim.clip import clip_leaves
+from .accumulate import accumulate_gradients
+from .grad import DEFAULT_ENGINE, value_and_grad
+from .loss_scale import LossScale, NoOpLossScale
+from .parallelism import Parallelism, single_process
+from .precision import Policy, get_policy, with_policy
+
+__all__ = ["TrainState", "init_train_state", "make_train_step", "make_loss_fn"]
+
+
+class TrainState(NamedTuple):
+    """Everything a training step reads and writes."""
+
+    step: torch.Tensor  # () int64: optimizer updates applied (skipped steps do not count)
+    params: Any  # pytree of master params (float32 under a mixed policy)
+    opt_state: Any  # the optimizer's state pytree (this rank's shard under ZeRO)
+    loss_scale: LossScale  # NoOp / Static / Dynamic loss-scale state
+
+
+def init_train_state(
+    params: Any,
+    optimizer: GradientTransformation,
+    *,
+    loss_scale: LossScale | None = None,
+    policy: Policy | str | None = None,
+    parallel: Parallelism | None = None,
+) -> TrainState:
+    """A fresh TrainState; params are cast to the policy's param dtype first.
+
+    Args:
+        params: the model's params.
+        optimizer: the GradientTransformation the step will use.
+        loss_scale: a loss-scale state (default: none).
+        policy: the precision policy; its param dtype is the dtype of the master params.
+        parallel: the step's Parallelism (e.g. ``data_parallel(zero_stage=1)``): rank 0's params
+            are copied to every rank and the optimizer state is this rank's part only.
+
+    Example:
+        >>> from functional_memopt import init_params, ModelConfig, adamw
+        >>> state = init_train_state(init_params(ModelConfig(n_layer=1)), adamw(1e-3))
+        >>> int(state.step)
+        0
+    """
+    if policy is not None:
+        params = get_policy(policy).cast_to_param(params)
+    params, opt_state = (parallel or single_process()).init(params, optimizer)
+    leaves = optree.tree_leaves(params)
+    device = leaves[0].device if leaves else None
+    return TrainState(
+        step=torch.zeros((), dtype=torch.int64, device=device),
+        params=params,
+        opt_state=opt_state,
+        loss_scale=loss_scale if loss_scale is not None else NoOpLossScale(),
+    )
+
+
+def make_loss_fn(cfg: ModelConfig, *, remat: RematSpec = None, check: bool = False) -> Callable:
+    """The model's ``loss(params, batch) -> (loss_sum, count)`` for a Batch.
+
+    Args:
+        cfg: the model config.
+        remat: blocks to rematerialise (see remat_layers).
+        check: validate tokens and params on every call (a host sync; off inside the step).
+    """
+
+    def loss(params, batch: Batch):
+        return model_loss_fn(params, batch.tokens, batch.targets, cfg, mask=batch.mask,
+                             attention_mask=batch.attention_mask, segment_ids=batch.segment_ids, remat=remat,
+                             check=check)
+
+    return loss
+
+
+def make_train_step(
+    cfg: ModelConfig | None,
+    optimizer: GradientTransformation,
+    *,
+    policy: Policy | str = "fp32",
+    accum_steps: int = 1,
+    remat: RematSpec = None,
+    max_grad_norm: float | None = None,
+    loss_fn: Callable | None = None,
+    count_fn: Callable | None = None,
+    donate: bool = False,
+    engine: str = DEFAULT_ENGINE,
+    policy_mode: str = "cast",
+    parallel: Parallelism | None = None,
+) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+    """Compose the techniques into one pure ``step(state, batch) -> (state, metrics)``.
+
+    Args:
+        cfg: model config (used for the default loss; may be None with a custom ``loss_fn``).
+        optimizer: a GradientTransformation (e.g. ``adamw(3e-4)``).
+        policy: precision policy or its string ("fp32", "mixed_bf16", "mixed_fp16", ...).
+        accum_steps: micro-batches per step; the batch's rows are split into this many.
+        remat: which blocks to rematerialise (None, "all", every n-th as an int, or indices).
+        max_grad_norm: clip the global gradient norm to this (None: no clipping). Under data
+            parallel this is the norm of the global gradient; clip here rather than with
+            ``clip_by_global_norm`` inside the optimizer, which would see one shard under ZeRO.
+        loss_fn: ``loss_fn(params, batch) -> (loss_sum, count)``; the model's by default. A custom
+            batch type needs a ``split_microbatches``-compatible NamedTuple of (B, ...) tensors.
+        count_fn: ``count_fn(batch) -> tokens`` that ``loss_fn`` counts in the whole batch (default
+            ``token_count``). Knowing the total before the fold lets each micro-batch
+            differentiate ``loss_sum * S / N``: per-token gradients then carry the same scale as
+            GradScaler's mean loss, so fp16 overflows exactly when the imperative recipe does.
+        donate: update params and optimizer state in place. The caller gives up the state passed
+            in (it must not be used again). Off by default: the step is pure and the old state
+            stays valid, at the cost of one more copy of params and optimizer state at peak.
+        engine: gradient engine, "autograd" (default, for memory: see ``train.grad``) or "func".
+        policy_mode: "cast" (explicit casts, the default) or "autocast".
+        parallel: how the step spreads over ranks (``data_parallel(...)``); None for one process.
+            With it, each rank passes its own rows of the global batch (``shard_batch``) and
+            ``accum_steps`` counts this rank's micro-batches.
+
+    Returns:
+        ``step(state, batch)``. Metrics (0-d tensors): loss (per counted token), grad_norm (of the
+        unscaled, unclipped gradient; inf/nan on overflow), loss_scale (used in this step),
+        skipped (bool), tokens (counted tokens). Under data parallel they are global and equal
+        on every rank.
+
+    A step whose gradients are not finite changes nothing but the loss scale: params, optimizer
+    state (its count and so the schedule position) and ``step`` come back as the same tensors.
+    """
+    pol = get_policy(policy)
+    if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
+        raise ValueError(f"make_train_step: accum_steps must be an int >= 1, got {accum_steps!r}.")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"make_train_step: max_grad_norm must be > 0 or None, got {max_grad_norm!r}.")
+    if parallel is not None and not isinstance(parallel, Parallelism):
+        raise TypeError(f"make_train_step: parallel must be a Parallelism (e.g. data_parallel()) or None, "
+                        f"got {type(parallel).__name__}.")
+    if loss_fn is None:
+        if cfg is None:
+            raise ValueError("make_train_step: pass a ModelConfig or a loss_fn.")
+        loss_fn = make_loss_fn(cfg, remat=remat)
+    policed = with_policy(loss_fn, pol, mode=policy_mode)
+    count_tokens = count_fn or token_count
+    par = parallel or single_process()
+
+    def scaled_loss(params, batch, factor):
+        loss_sum, count = policed(params, batch)
+        return loss_sum * factor.to(loss_sum.dtype), (loss_sum.detach(), count.detach())
+
+    grad_fn = value_and_grad(scaled_loss, has_aux=True, engine=engine)
+
+    def step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        ls = state.loss_scale
+        scale = None if isinstance(ls, NoOpLossScale) else ls.loss_scale
+        total = par.count(torch.as_tensor(count_tokens(batch), dtype=torch.float64)).clamp(min=1.0)
+        # Each micro-batch differentiates loss_sum * S / N_total: the fold then sums to S times the
+        # full-batch mean-loss gradient, whatever the micro-batches' token counts.
+        factor = (1.0 / total) if scale is None else scale.to(torch.float64) / total
+        micro = split_microbatches(batch, accum_steps) if accum_steps > 1 else [batch]
+        # Reduced before unscaling, as the single-process fold sums scaled gradients too.
+        acc = par.reduce(accumulate_gradients(lambda p, mb: grad_fn(p, mb, factor), state.params, micro))
+        # The accumulator is the step's own, so it is unscaled in place; 1 / S is exact for a
+        # power-of-two S, so this undoes the scaling bit for bit.
+        grads = ls.unscale(acc.grads, donate=True)
+        finite, grad_norm, loss_sum, count = par.summarize(grads, acc.loss_sum, acc.count)
+        metrics = {
+            "loss": loss_sum / count.clamp(min=1.0),
+            "grad_norm": grad_norm,
+            "loss_scale": ls.loss_scale.detach().clone(),
+            "skipped": ~finite,
+            "tokens": count,
+        }
+        if not bool(finite):  # one host sync per step, as GradScaler.step makes
+            return state._replace(loss_scale=ls.adjust(finite)), metrics
+        if max_grad_norm is not None:  # by the unscaled norm, on the step's own accumulator
+            clip_leaves(optree.tree_leaves(grads), grad_norm, max_grad_norm, inplace=True)
+        grads = pol.cast_to_param(grads)
+        params, opt_state = par.update(optimizer, grads, state, donate=donate)
+        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=ls.adjust(finite))
+        return new, metrics
+
+    return step
