@@ -4,9 +4,9 @@ Run:
     python benchmarks/distributed_bench.py --out benchmarks/out/distributed.json [--ranks 1 2 4] [--steps 5]
 
 Each configuration (world size N, ZeRO stage) runs under ``torchrun --nproc_per_node=N`` with gloo
-on this machine, one thread per rank; the baseline is ``make_train_step`` in one plain process.
+on this machine, one thread per rank; the baseline is ``fm.make_train_step`` in one plain process.
 Every run trains the same model on the same global batch (each rank takes B/N rows). Reported per
-configuration: optimizer-state bytes on one rank (``tree_bytes``), peak RSS of the largest rank
+configuration: optimizer-state bytes on one rank (bytes of its tensors), peak RSS of the largest rank
 and its growth over the RSS measured after imports (the torch runtime alone is some 250 MB), and
 the median time per step (after one warm-up step). Steps donate their state, as ``memopt train``
 does. With more ranks than cores the ranks share
@@ -29,11 +29,7 @@ import time
 import torch
 
 import functional_memopt as fm
-from functional_memopt._distributed import init_data_parallel_state, make_data_parallel_step, shard_batch
-from functional_memopt._process_group import init_distributed, shutdown_distributed
-from functional_memopt._optim import adamw, decay_mask
-from functional_memopt._train import init_train_state, make_train_step
-from functional_memopt._zero import data_parallel
+from harness.trees import tree_bytes  # benchmarks/ is on sys.path: this script's folder
 
 
 def rss_mb() -> float:
@@ -50,21 +46,21 @@ def worker(args) -> None:
     torch.set_num_threads(1)
     base_rss = rss_mb()
     cfg = fm.ModelConfig(vocab_size=256, block_size=args.seq, n_layer=args.n_layer, n_head=4, n_embd=args.n_embd)
-    opt = adamw(3e-4, weight_decay=0.1, mask=decay_mask)
+    opt = fm.adamw(3e-4, weight_decay=0.1, mask=fm.decay_mask)
     data = fm.load_corpus()
     if args.stage < 0:  # the single-process baseline
         rank, size = 0, 1
-        state = init_train_state(fm.init_params(cfg), opt)
-        step = make_train_step(cfg, opt, max_grad_norm=1.0, donate=True)
+        state = fm.init_train_state(fm.init_params(cfg), opt)
+        step = fm.make_train_step(cfg, opt, max_grad_norm=1.0, donate=True)
     else:
-        info = init_distributed(timeout_s=120)
+        info = fm.init_distributed(timeout_s=120)
         rank, size = info.rank, info.world_size
-        par = data_parallel(zero_stage=args.stage)
-        state = init_data_parallel_state(fm.init_params(cfg), opt, par)
-        step = make_data_parallel_step(cfg, opt, par, max_grad_norm=1.0, donate=True)
+        par = fm.data_parallel(zero_stage=args.stage)
+        state = fm.init_train_state(fm.init_params(cfg), opt, parallel=par)
+        step = fm.make_train_step(cfg, opt, parallel=par, max_grad_norm=1.0, donate=True)
     times = []
     for i in range(args.steps + 1):
-        batch = shard_batch(fm.sample_batch(data, args.batch, args.seq, seed=0, index=i), rank, size)
+        batch = fm.shard_batch(fm.sample_batch(data, args.batch, args.seq, seed=0, index=i), rank, size)
         t0 = time.perf_counter()
         state, metrics = step(state, batch)
         float(metrics["loss"])
@@ -72,8 +68,8 @@ def worker(args) -> None:
     result = {
         "rank": rank,
         "world_size": size,
-        "opt_state_bytes": fm.tree_bytes(state.opt_state),
-        "params_bytes": fm.tree_bytes(state.params),
+        "opt_state_bytes": tree_bytes(state.opt_state),
+        "params_bytes": tree_bytes(state.params),
         "peak_rss_mb": peak_rss_mb(),
         "rss_growth_mb": peak_rss_mb() - base_rss,
         "step_s": statistics.median(times[1:]),
@@ -82,7 +78,7 @@ def worker(args) -> None:
     with open(os.path.join(args.worker_out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     if args.stage >= 0:
-        shutdown_distributed()
+        fm.shutdown_distributed()
 
 
 def run(args, n: int, stage: int) -> dict:

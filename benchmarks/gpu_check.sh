@@ -50,9 +50,12 @@ if "torch" not in missing:
         missing.append("a CUDA device")
 if not missing:
     try:
-        import functional_memopt
+        import importlib.util
 
-        print("functional_memopt importable from", "the checkout" if "site-packages" not in functional_memopt.__file__ else "site-packages")
+        import functional_memopt  # noqa: F401  (importable, not only found)
+
+        origin = importlib.util.find_spec("functional_memopt").origin or ""
+        print("functional_memopt importable from", "the checkout" if "site-packages" not in origin else "site-packages")
     except Exception as err:
         print(f"functional_memopt NOT importable ({type(err).__name__}: {err})")
         missing.append("functional_memopt (pip install -e . --no-deps, or PYTHONPATH=.)")

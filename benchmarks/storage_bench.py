@@ -22,7 +22,7 @@ import time
 import torch
 
 import functional_memopt as fm
-from functional_memopt._storage import load_params, save_params
+from harness.trees import tree_cast, tree_numel  # benchmarks/ is on sys.path: this script's folder
 
 
 def timed(fn, repeats: int) -> float:
@@ -44,19 +44,19 @@ def main() -> None:
 
     cfg = fm.get_config(args.preset)
     params = fm.init_params(cfg, seed=0)
-    n_params = sum(x.numel() for x in fm.tree_flatten_with_paths(params).values())
+    n_params = tree_numel(params)
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         for name, dtype in [("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)]:
             path = os.path.join(d, f"params_{name}.safetensors")
-            save = timed(lambda: save_params(path, params, cfg, dtype=dtype), args.repeats)
-            load = timed(lambda: load_params(path), args.repeats)
-            load_stored = timed(lambda: load_params(path, dtype=dtype), args.repeats)
+            save = timed(lambda: fm.save_params(path, params, cfg, dtype=dtype), args.repeats)
+            load = timed(lambda: fm.load_params(path), args.repeats)
+            load_stored = timed(lambda: fm.load_params(path, dtype=dtype), args.repeats)
             rows.append(dict(method="save_params", dtype=name, bytes=os.path.getsize(path), save_s=save,
                              load_s=load, load_stored_dtype_s=load_stored))
         for name, dtype in [("fp32", torch.float32), ("fp16", torch.float16)]:
             path = os.path.join(d, f"params_{name}.pt")
-            tree = fm.tree_cast(params, dtype)  # torch.save stores what it is given; cast outside the timer
+            tree = tree_cast(params, dtype)  # torch.save stores what it is given; cast outside the timer
             save = timed(lambda: torch.save(tree, path), args.repeats)
             load = timed(lambda: torch.load(path, weights_only=True), args.repeats)
             rows.append(dict(method="torch.save", dtype=name, bytes=os.path.getsize(path), save_s=save,

@@ -25,7 +25,7 @@ hf_config = GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_h
 GPT2LMHeadModel(hf_config).save_pretrained(work / "gpt2-small-random")
 
 params, cfg = fm.load_gpt2(work / "gpt2-small-random")  # fp32 masters, tied head, fused QKV
-print(f"loaded {cfg.n_layer}-layer GPT-2, {sum(p.numel() for p in fm.tree_flatten_with_paths(params).values()):,} params")
+print(f"loaded {cfg.n_layer}-layer GPT-2, {sum(math.prod(shape) for shape in fm.param_shapes(cfg).values()):,} params")
 
 train, val = fm.train_val_split(fm.load_corpus())
 optimizer = fm.adamw(fm.warmup_cosine(2e-3, 5, 60), weight_decay=0.1, mask=fm.decay_mask)

@@ -20,6 +20,7 @@ from .data.batch import pad_sequences as pad_sequences  # ragged sequences right
 from .data.batch import sample_batch as sample_batch  # batch number i of random windows, by (seed, i)
 from .data.batch import split_microbatches as split_microbatches  # a batch split along rows
 from .data.corpus import load_corpus as load_corpus  # the built-in corpus or your text files, as ids
+from .data.corpus import train_val_split as train_val_split  # the first 90% trains, the rest validates
 from .data.tokens import decode as decode  # byte ids to text
 from .data.tokens import encode as encode  # text to byte ids
 
@@ -42,8 +43,6 @@ from .optim.base import GradientTransformation as GradientTransformation  # (ini
 from .optim.base import apply_updates as apply_updates  # params + updates
 from .optim.base import chain as chain  # transformations one after the other
 from .optim.clip import clip_by_global_norm as clip_by_global_norm  # clip_grad_norm_ as a transformation
-from .optim.schedules import constant_schedule as constant_schedule  # lr(count) = value
-from .optim.schedules import cosine_decay as cosine_decay  # half-cosine decay
 from .optim.schedules import linear_warmup as linear_warmup  # linear ramp, then constant
 from .optim.schedules import warmup_cosine as warmup_cosine  # warmup then cosine (nanoGPT's recipe)
 from .optim.sgd import sgd as sgd  # SGD with torch's semantics
@@ -83,18 +82,22 @@ from .memory.ledger import ablation as ablation  # baseline, each technique alon
 from .memory.ledger import predict_memory as predict_memory  # predicted peak bytes, item by item
 from .memory.measure import TensorMemoryTracker as TensorMemoryTracker  # peak live tensor bytes
 from .memory.measure import measure_memory as measure_memory  # measured peak of real steps
+from .memory.rss import reset_rss_peak as reset_rss_peak  # restart the resident high-water mark
+from .memory.rss import rss_now as rss_now  # resident bytes of this process now
+from .memory.rss import rss_peak as rss_peak  # its resident high-water mark
 
 __all__ = [
     "__version__",
     # data
     "IGNORE_INDEX", "Batch", "pack_documents", "pad_sequences", "sample_batch", "split_microbatches", "load_corpus",
+    "train_val_split",
     "decode", "encode",
     # model
     "causal_attention", "PRESETS", "ModelConfig", "get_config", "generate", "apply", "loss_fn", "init_params",
     "param_shapes", "remat",
     # optim
     "adamw", "decay_mask", "GradientTransformation", "apply_updates", "chain", "clip_by_global_norm",
-    "constant_schedule", "cosine_decay", "linear_warmup", "warmup_cosine", "sgd",
+    "linear_warmup", "warmup_cosine", "sgd",
     # train
     "accumulate_gradients", "value_and_grad", "dynamic_loss_scale", "no_op_loss_scale", "static_loss_scale",
     "Policy", "get_policy", "with_policy", "TrainState", "init_train_state", "make_loss_fn", "make_train_step",
@@ -104,4 +107,5 @@ __all__ = [
     "init_distributed", "shutdown_distributed", "shard_batch", "data_parallel",
     # memory
     "with_memory_hygiene", "MemorySettings", "ablation", "predict_memory", "TensorMemoryTracker", "measure_memory",
+    "reset_rss_peak", "rss_now", "rss_peak",
 ]

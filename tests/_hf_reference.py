@@ -12,7 +12,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from functional_memopt import ModelConfig
-from functional_memopt._gpt2 import (
+from functional_memopt.io.gpt2 import (
     config_from_gpt2_config,
     gpt2_config_from_config,
     gpt2_state_dict_from_params,

@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from functional_memopt import testing
-from functional_memopt._accumulate import accumulate_gradients, accumulator_dtype
+from functional_memopt.train.accumulate import accumulate_gradients, accumulator_dtype
 
 
 def _grad_fn(p, x):

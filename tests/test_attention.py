@@ -4,6 +4,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import functional_memopt as fm
+from functional_memopt.model.attention import positions_from_segments
+from functional_memopt.model.attention import build_attention_mask
+from functional_memopt import _tree as fmtree
 from functional_memopt import testing
 
 
@@ -28,37 +31,37 @@ def _separate_qkv_attention(x, c_attn, c_proj, n_head, mask):
 
 @given(testing.configs(max_block=10), st.data(), st.booleans())
 def test_fused_qkv_equals_three_separate_projections(cfg, data, padded):
-    params = fm.tree_cast(fm.init_params(cfg, seed=data.draw(st.integers(0, 99))), torch.float64)
+    params = fmtree.tree_cast(fm.init_params(cfg, seed=data.draw(st.integers(0, 99))), torch.float64)
     attn = params["h"][0]["attn"]
     if cfg.bias:
-        attn = fm.tree_map(lambda t: t + 0.1 * torch.randn_like(t), attn)  # nonzero biases
+        attn = fmtree.tree_map(lambda t: t + 0.1 * torch.randn_like(t), attn)  # nonzero biases
     B, T = data.draw(st.integers(1, 3)), data.draw(st.integers(1, cfg.block_size))
     x = torch.randn(B, T, cfg.n_embd, dtype=torch.float64)
     mask = None
     if padded:
         lengths = torch.tensor(data.draw(st.lists(st.integers(1, T), min_size=B, max_size=B)))
-        mask = fm.build_attention_mask(T, attention_mask=torch.arange(T)[None] < lengths[:, None])
+        mask = build_attention_mask(T, attention_mask=torch.arange(T)[None] < lengths[:, None])
     got = fm.causal_attention(x, attn["c_attn"], attn["c_proj"], cfg.n_head, mask=mask)
     want = _separate_qkv_attention(x, attn["c_attn"], attn["c_proj"], cfg.n_head, mask)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_causal_only_builds_no_mask_tensor():
-    assert fm.build_attention_mask(1024) is None
+    assert build_attention_mask(1024) is None
 
 
 def test_padding_mask_allows_causal_real_keys_and_the_diagonal():
-    m = fm.build_attention_mask(4, attention_mask=torch.tensor([[1, 1, 0, 0]]))
+    m = build_attention_mask(4, attention_mask=torch.tensor([[1, 1, 0, 0]]))
     want = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
     assert m.shape == (1, 1, 4, 4) and torch.equal(m[0, 0], want)
 
 
 def test_document_mask_blocks_attention_across_documents_and_positions_restart():
     seg = torch.tensor([[0, 0, 1, 1, 1]])
-    m = fm.build_attention_mask(5, segment_ids=seg)[0, 0]
+    m = build_attention_mask(5, segment_ids=seg)[0, 0]
     assert not m[2, 1] and m[4, 2] and m[1, 0] and not m[0, 1]
-    assert fm.positions_from_segments(seg).tolist() == [[0, 1, 0, 1, 2]]
-    assert fm.positions_from_segments(torch.tensor([[3, 3, 3, 7]])).tolist() == [[0, 1, 2, 0]]
+    assert positions_from_segments(seg).tolist() == [[0, 1, 0, 1, 2]]
+    assert positions_from_segments(torch.tensor([[3, 3, 3, 7]])).tolist() == [[0, 1, 2, 0]]
 
 
 def test_fully_padded_row_gives_finite_logits():

@@ -11,11 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 import functional_memopt as fm
-from functional_memopt._checkpoint import checkpoint_info, load_checkpoint_params
-from functional_memopt._gpt2 import save_gpt2
-from functional_memopt._sample import generate
-from functional_memopt._storage import load_params, save_params
-from functional_memopt.cli import main
+from functional_memopt import _tree as fmtree
+from functional_memopt.io.checkpoint import checkpoint_info, load_checkpoint_params
+from functional_memopt.io.gpt2 import save_gpt2
+from functional_memopt.model.generate import generate
+from functional_memopt.io.params import load_params, save_params
+from functional_memopt.app.cli import main
 from functional_memopt.testing import assert_trees_equal
 
 # A model small enough that a handful of steps take well under a second.
@@ -63,7 +64,7 @@ def test_train_writes_config_metrics_params_and_a_checkpoint_and_learns(tmp_path
     params, cfg = load_params(run / "params.safetensors")
     assert cfg.n_layer == 1 and cfg.block_size == 32
     masters, _ = load_checkpoint_params(run)
-    assert_trees_equal(params, fm.tree_map(lambda x: x.half().float(), masters))
+    assert_trees_equal(params, fmtree.tree_map(lambda x: x.half().float(), masters))
     assert checkpoint_info(run)["meta"]["batch_index"] == 6
     out = capsys.readouterr().out.strip()
     assert out.startswith("memopt: done at step 6/6") and "bits/byte" in out and "tokens/s" in out
@@ -193,7 +194,7 @@ def test_an_existing_run_directory_without_force_is_refused_and_left_untouched(t
 
 
 @pytest.mark.parametrize("module, argv", [("functional_memopt", ["train", "--preset", "huge"]),
-                                          ("functional_memopt.cli", ["train", "--policy", "fp17"])])
+                                          ("functional_memopt.app.cli", ["train", "--policy", "fp17"])])
 def test_no_traceback_reaches_stderr_from_the_command(tmp_path, module, argv):
     proc = subprocess.run([sys.executable, "-m", module, *argv], cwd=tmp_path, env=ENV, capture_output=True,
                           text=True, timeout=120)
@@ -235,7 +236,7 @@ def test_torchrun_trains_on_two_cpu_ranks_and_one_process_resumes_the_run(tmp_pa
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**ENV, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "functional_memopt.cli", "train", *args, "--zero-stage", "1", "--stop-at", "2",
+                           "-m", "functional_memopt.app.cli", "train", *args, "--zero-stage", "1", "--stop-at", "2",
                            "--run-dir", str(tmp_path / "dp")], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -292,7 +293,7 @@ def test_convert_round_trips_params_through_a_gpt2_directory_and_never_overwrite
     assert out[0].startswith("memopt: converted") and "fp32" in out[0] and "->" in out[1] and "KiB" in out[1]
     half, cfg2 = load_params(tmp_path / "half.safetensors", dtype=torch.float16)
     assert cfg2 == cfg
-    assert_trees_equal(half, fm.tree_cast(params, torch.float16))
+    assert_trees_equal(half, fmtree.tree_cast(params, torch.float16))
     assert os.path.getsize(tmp_path / "half.safetensors") < os.path.getsize(tmp_path / "p.safetensors")
     before = (tmp_path / "half.safetensors").read_bytes()
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "half.safetensors"), "--dtype", "bf16"]) == 2

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import functional_memopt as fm
+from functional_memopt import _tree as fmtree
 from functional_memopt import testing
 
 pytestmark = pytest.mark.cuda
@@ -46,11 +47,11 @@ def test_a_half_precision_cuda_step_tracks_the_fp32_cpu_step(policy):
     ref_state = fm.init_train_state(params, opt)
     ref, ref_m = fm.make_train_step(CFG, opt, accum_steps=2)(ref_state, _batch(device="cpu"))
     ls = fm.dynamic_loss_scale(device="cuda") if policy == "mixed_fp16" else None
-    state = fm.init_train_state(fm.tree_map(lambda x: x.cuda(), params), opt, loss_scale=ls)
+    state = fm.init_train_state(fmtree.tree_map(lambda x: x.cuda(), params), opt, loss_scale=ls)
     new, m = fm.make_train_step(CFG, opt, policy=policy, accum_steps=2)(state, _batch())
     assert not bool(m["skipped"])
     assert abs(float(m["loss"]) - float(ref_m["loss"])) < 1e-2 * float(ref_m["loss"])
-    testing.assert_trees_close(fm.tree_map(lambda x: x.cpu(), new.params), ref.params, rtol=0, atol=2.1e-3)
+    testing.assert_trees_close(fmtree.tree_map(lambda x: x.cpu(), new.params), ref.params, rtol=0, atol=2.1e-3)
 
 
 def test_remat_lowers_the_cuda_peak():
@@ -74,4 +75,4 @@ def test_params_saved_from_cuda_load_back_on_cuda(tmp_path):
     fm.save_params(tmp_path / "p.safetensors", params, CFG, dtype=torch.bfloat16)
     loaded, cfg = fm.load_params(tmp_path / "p.safetensors", device="cuda")
     assert cfg == CFG and loaded["wte"].device.type == "cuda"
-    testing.assert_trees_equal(loaded, fm.tree_cast(fm.tree_cast(params, torch.bfloat16), torch.float32))
+    testing.assert_trees_equal(loaded, fmtree.tree_cast(fmtree.tree_cast(params, torch.bfloat16), torch.float32))

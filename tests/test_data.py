@@ -4,6 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import functional_memopt as fm
+from functional_memopt.data.corpus import train_val_split
 
 
 @given(st.text())
@@ -38,7 +39,7 @@ def test_missing_or_empty_corpus_names_the_path(tmp_path):
 
 def test_split_is_deterministic_and_disjoint():
     data = torch.arange(1000)
-    train, val = fm.train_val_split(data, 0.1)
+    train, val = train_val_split(data, 0.1)
     assert len(train) == 900 and torch.equal(torch.cat([train, val]), data)
 
 

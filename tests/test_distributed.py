@@ -24,26 +24,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import functional_memopt as fm
+from functional_memopt import _tree as fmtree
 from functional_memopt import testing
-from functional_memopt._checkpoint import load_checkpoint
-from functional_memopt._distributed import (
-    init_data_parallel_state,
-    load_distributed_checkpoint,
-    make_data_parallel_step,
-    save_distributed_checkpoint,
-    shard_batch,
-)
-from functional_memopt._loss_scale import dynamic_loss_scale
-from functional_memopt._optim import adamw, chain, decay_mask, sgd
-from functional_memopt._process_group import (
+from functional_memopt.io.checkpoint import load_checkpoint
+from functional_memopt.io.checkpoint import save_checkpoint
+from functional_memopt.parallel.replicated import shard_batch
+from functional_memopt.train.loss_scale import dynamic_loss_scale
+from functional_memopt import adamw, chain, decay_mask, sgd
+from functional_memopt.parallel.process_group import (
     RankFailed,
     assert_replicas_equal,
     init_distributed,
     on_rank_0,
     shutdown_distributed,
 )
-from functional_memopt._train import init_train_state, make_loss_fn, make_train_step
-from functional_memopt._zero import _shard_opt_state, _state_owners, data_parallel, flat_layout
+from functional_memopt.train.step import init_train_state, make_loss_fn, make_train_step
+from functional_memopt.parallel.zero import _shard_opt_state, _state_owners, data_parallel, flat_layout
 
 CFG = fm.ModelConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16)
 DATA = torch.randint(0, 32, (400,), generator=torch.Generator().manual_seed(0))
@@ -54,7 +50,7 @@ DEADLINE_S = 60
 
 
 def optimizer():
-    return adamw(fm._schedules.warmup_cosine(3e-3, 2, 20), weight_decay=0.1, mask=decay_mask)
+    return adamw(fm.warmup_cosine(3e-3, 2, 20), weight_decay=0.1, mask=decay_mask)
 
 
 SGD = sgd(0.1, momentum=0.9, weight_decay=0.01)
@@ -89,30 +85,31 @@ def _scenario_steps(out: Path) -> dict:
     info = init_distributed(timeout_s=30)
     res = {}
     # One fp64 step on a ragged batch (rank 0 counts 15 tokens, rank 1 counts 3), 2 micro-batches a rank.
-    params64 = fm.tree_cast(fm.init_params(CFG, seed=3), torch.float64)
+    params64 = fmtree.tree_cast(fm.init_params(CFG, seed=3), torch.float64)
     for z in (0, 1, 2):
         par = data_parallel(zero_stage=z)
-        state = init_data_parallel_state(params64, adamw(1e-2), par, policy=FP64)
+        state = init_train_state(params64, adamw(1e-2), parallel=par, policy=FP64)
         batch = shard_batch(global_batch(1, rows=4), info.rank, WORLD)
-        state, m = make_data_parallel_step(CFG, adamw(1e-2), par, policy=FP64, accum_steps=2)(state, batch)
+        state, m = make_train_step(CFG, adamw(1e-2), parallel=par, policy=FP64, accum_steps=2)(state, batch)
         res[f"fp64-{z}"] = (par.gather(state, adamw(1e-2)), m)
     for z in (0, 1, 2):
         par = data_parallel(zero_stage=z)
         # Ten fp32 steps of SGD with momentum, 2 micro-batches a rank.
-        state = init_data_parallel_state(fm.init_params(CFG), SGD, par, loss_scale=loss_scale())
-        step = make_data_parallel_step(CFG, SGD, par, accum_steps=2, max_grad_norm=0.5)
+        state = init_train_state(fm.init_params(CFG), SGD, parallel=par, loss_scale=loss_scale())
+        step = make_train_step(CFG, SGD, parallel=par, accum_steps=2, max_grad_norm=0.5)
         res[f"sgd-{z}"] = par.gather(_steps(state, step, info.rank, 0, STEPS)[0], SGD)
         # Ten fp32 steps of AdamW with a decay mask and a schedule, dynamic loss scale, clipping,
         # donated buffers (ZeRO then gathers the params in place), checking replicas every step.
         opt = optimizer()
-        state = init_data_parallel_state(fm.init_params(CFG), opt, par, loss_scale=loss_scale())
-        step = make_data_parallel_step(CFG, opt, par, max_grad_norm=0.5, donate=True, check_replicas=True)
+        state = init_train_state(fm.init_params(CFG), opt, parallel=par, loss_scale=loss_scale())
+        step = make_train_step(CFG, opt, max_grad_norm=0.5, donate=True,
+                               parallel=data_parallel(zero_stage=z, check_replicas=True))
         state, metrics = _steps(state, step, info.rank, 0, STEPS)
         res[f"adam-{z}"] = (par.gather(state, opt), metrics, state.params)
-        res[f"opt-bytes-{z}"] = fm.tree_bytes(state.opt_state)
+        res[f"opt-bytes-{z}"] = fmtree.tree_bytes(state.opt_state)
         # Non-finite gradients on rank 1 only: every rank must skip, changing nothing but the scale.
         poisoned = testing.poison(make_loss_fn(CFG), float("inf") if info.rank == 1 else 1.0)
-        bad = make_data_parallel_step(CFG, opt, par, max_grad_norm=0.5, loss_fn=poisoned)
+        bad = make_train_step(CFG, opt, parallel=par, max_grad_norm=0.5, loss_fn=poisoned)
         m = testing.assert_skipped_step_is_noop(bad, state, shard_batch(global_batch(STEPS), info.rank, WORLD))
         new, _ = bad(state, shard_batch(global_batch(STEPS), info.rank, WORLD))
         res[f"skip-{z}"] = (bool(m["skipped"]), float(state.loss_scale.loss_scale), float(new.loss_scale.loss_scale))
@@ -124,7 +121,7 @@ def _scenario_steps(out: Path) -> dict:
     except RankFailed as err:
         res["on-rank-0"] = str(err)
     # A rank whose params drifted is caught by the replica check, on every rank.
-    drifted = fm.tree_map(lambda p: p + info.rank * 1e-7, state.params)
+    drifted = fmtree.tree_map(lambda p: p + info.rank * 1e-7, state.params)
     try:
         assert_replicas_equal(drifted)
         res["drift"] = None
@@ -140,17 +137,17 @@ def _scenario_checkpoint(out: Path) -> dict:
     if info.is_main:
         run_dir.mkdir()
     par = data_parallel(zero_stage=2)
-    step = make_data_parallel_step(CFG, opt, par)
-    fresh = init_data_parallel_state(fm.init_params(CFG), opt, par, loss_scale=loss_scale())
+    step = make_train_step(CFG, opt, parallel=par)
+    fresh = init_train_state(fm.init_params(CFG), opt, parallel=par, loss_scale=loss_scale())
     state, _ = _steps(fresh, step, info.rank, 0, 3, rows=2)
-    save_distributed_checkpoint(run_dir, state, opt, par, cfg=CFG, meta={"next": 3})
+    save_checkpoint(run_dir, state, cfg=CFG, meta={"next": 3}, parallel=par, optimizer=opt)
     unbroken, _ = _steps(state, step, info.rank, 3, 6, rows=2)
     res["unbroken"] = par.gather(unbroken, opt)
     for z in (2, 1, 0):  # resume into each layout on the same world size
         p = data_parallel(zero_stage=z)
-        like = init_data_parallel_state(fm.init_params(CFG, seed=9), opt, p, loss_scale=loss_scale())
-        loaded, meta = load_distributed_checkpoint(run_dir, like, opt, p, cfg=CFG)
-        resumed, _ = _steps(loaded, make_data_parallel_step(CFG, opt, p), info.rank, meta["next"], 6, rows=2)
+        like = init_train_state(fm.init_params(CFG, seed=9), opt, parallel=p, loss_scale=loss_scale())
+        loaded, meta = load_checkpoint(run_dir, like, cfg=CFG, parallel=p, optimizer=opt)
+        resumed, _ = _steps(loaded, make_train_step(CFG, opt, parallel=p), info.rank, meta["next"], 6, rows=2)
         res[f"resumed-{z}"] = p.gather(resumed, opt)
     shutdown_distributed()
     return res
@@ -169,10 +166,10 @@ def _scenario_failures(out: Path) -> dict:
     opt, res = sgd(0.1), {}
     for name, group in (("stuck", short), ("dead", None)):
         par = data_parallel(zero_stage=2, group=group)
-        state = init_data_parallel_state(fm.init_params(CFG), opt, par, broadcast=False)
         t0 = time.monotonic()
         try:
-            make_data_parallel_step(CFG, opt, par)(state, shard_batch(global_batch(0), 0, WORLD))
+            state = init_train_state(fm.init_params(CFG), opt, parallel=par)
+            make_train_step(CFG, opt, parallel=par)(state, shard_batch(global_batch(0), 0, WORLD))
             res[name] = (None, time.monotonic() - t0)
         except RuntimeError as err:
             res[name] = (str(err), time.monotonic() - t0)
@@ -259,7 +256,7 @@ def test_data_parallel_and_zero_steps_equal_the_single_process_step_and_skip_tog
     sgd_ref, _ = _single_process_run(SGD, 0, STEPS, fresh._replace(opt_state=SGD.init(fresh.params)),
                                      accum_steps=4, max_grad_norm=0.5)
     adam_ref, adam_metrics = _single_process_run(optimizer(), 0, STEPS, fresh, accum_steps=2, max_grad_norm=0.5)
-    params64 = fm.tree_cast(fm.init_params(CFG, seed=3), torch.float64)
+    params64 = fmtree.tree_cast(fm.init_params(CFG, seed=3), torch.float64)
     fp64_ref, m_ref = make_train_step(CFG, adamw(1e-2), policy=FP64, accum_steps=4)(
         init_train_state(params64, adamw(1e-2), policy=FP64), global_batch(1, rows=4))
     for z in (0, 1, 2):
@@ -286,7 +283,7 @@ def test_data_parallel_and_zero_steps_equal_the_single_process_step_and_skip_tog
         for r in (r0, r1):
             skipped, before, after = r[f"skip-{z}"]
             assert skipped and after == before / 2
-    full = fm.tree_bytes(fresh.opt_state)
+    full = fmtree.tree_bytes(fresh.opt_state)
     assert r0["opt-bytes-0"] == full
     for z in (1, 2):  # each rank holds about half the optimizer state
         assert r0[f"opt-bytes-{z}"] + r1[f"opt-bytes-{z}"] <= full + 2 * 64
@@ -313,8 +310,8 @@ def test_a_sharded_checkpoint_resumes_exactly_on_two_ranks_and_on_one(tmp_path):
     testing.assert_trees_equal(single, unbroken, msg="2 ranks -> 1 process: ")
     # The distributed loader in a single process (no process group) gives the same state.
     par = data_parallel(zero_stage=2)
-    loaded, _ = load_distributed_checkpoint(tmp_path / "run", init_data_parallel_state(
-        fm.init_params(CFG), opt, par, loss_scale=loss_scale()), opt, par, cfg=CFG)
+    like = init_train_state(fm.init_params(CFG), opt, parallel=par, loss_scale=loss_scale())
+    loaded, _ = load_checkpoint(tmp_path / "run", like, cfg=CFG, parallel=par, optimizer=opt)
     testing.assert_trees_equal(par.gather(loaded, opt), state)
 
 
@@ -353,7 +350,7 @@ def test_the_ranks_pieces_tile_the_flat_params_exactly_once(shapes, n):
 @pytest.mark.parametrize("opt", [adamw(1e-3, mask=decay_mask), sgd(0.1, momentum=0.9), chain(sgd(0.1), adamw(1e-3))])
 def test_optimizer_state_shards_concatenate_to_the_single_process_state(opt):
     params = fm.init_params(CFG)
-    full = opt.update(fm.tree_map(torch.ones_like, params), opt.init(params), params)[1]
+    full = opt.update(fmtree.tree_map(torch.ones_like, params), opt.init(params), params)[1]
     shards = [_shard_opt_state(full, opt, flat_layout(params, world_size=3, rank=r)) for r in range(3)]
     _, owners = _state_owners(opt, flat_layout(params, world_size=3, rank=0))
     full_leaves = optree.tree_leaves(full)
@@ -372,8 +369,8 @@ def test_without_a_process_group_every_stage_is_the_single_process_step():
     ref, _ = _single_process_run(opt, 0, 4, ref, accum_steps=2, max_grad_norm=0.5)
     for z in (0, 1, 2):
         par = data_parallel(zero_stage=z)
-        state = init_data_parallel_state(fm.init_params(CFG), opt, par, loss_scale=loss_scale())
-        step = make_data_parallel_step(CFG, opt, par, accum_steps=2, max_grad_norm=0.5)
+        state = init_train_state(fm.init_params(CFG), opt, parallel=par, loss_scale=loss_scale())
+        step = make_train_step(CFG, opt, parallel=par, accum_steps=2, max_grad_norm=0.5)
         with one_thread():
             for i in range(4):
                 state, _ = step(state, global_batch(i))

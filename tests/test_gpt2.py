@@ -11,8 +11,9 @@ from safetensors.torch import save_file
 from transformers import GPT2LMHeadModel
 
 import functional_memopt as fm
+from functional_memopt import _tree as fmtree
 from functional_memopt import testing
-from functional_memopt._gpt2 import (
+from functional_memopt.io.gpt2 import (
     config_from_gpt2_config,
     gpt2_config_from_config,
     gpt2_state_dict_from_params,
@@ -74,14 +75,14 @@ def test_the_state_dict_mapping_round_trips_and_transposes_conv1d_weights():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_save_gpt2_writes_a_directory_from_pretrained_loads_with_no_missing_or_unexpected_keys(tmp_path, dtype):
     cfg = fm.ModelConfig(vocab_size=40, block_size=12, n_layer=2, n_head=2, n_embd=8, mlp_ratio=3)
-    params = fm.tree_map(lambda x: x + 0.1 * torch.randn_like(x), fm.init_params(cfg, seed=2))
+    params = fmtree.tree_map(lambda x: x + 0.1 * torch.randn_like(x), fm.init_params(cfg, seed=2))
     save_gpt2(tmp_path / "gpt2", params, cfg, dtype=dtype)
     assert sorted(os.listdir(tmp_path / "gpt2")) == ["config.json", "model.safetensors"]
     model = from_pretrained(tmp_path / "gpt2", dtype=dtype)
     assert model.dtype == dtype and model.config.n_inner == 24
-    testing.assert_trees_equal(params_from_hf(model), fm.tree_cast(params, dtype))
+    testing.assert_trees_equal(params_from_hf(model), fmtree.tree_cast(params, dtype))
     tokens, mask = tokens_and_mask(cfg, 0)
-    want = fm.apply(fm.tree_cast(fm.tree_cast(params, dtype), torch.float32), tokens, cfg)
+    want = fm.apply(fmtree.tree_cast(fmtree.tree_cast(params, dtype), torch.float32), tokens, cfg)
     torch.testing.assert_close(hf_logits(model.float(), tokens), want, **TOL)
 
 
@@ -106,11 +107,11 @@ def test_load_gpt2_reads_what_save_pretrained_writes(tmp_path, dtype):
     model.to(dtype).save_pretrained(tmp_path / "hf")
     params, cfg = load_gpt2(tmp_path / "hf")
     assert cfg == CFG
-    testing.assert_trees_equal(params, fm.tree_cast(params_from_hf(model), torch.float32))
+    testing.assert_trees_equal(params, fmtree.tree_cast(params_from_hf(model), torch.float32))
     tokens, mask = tokens_and_mask(cfg, 4)
     torch.testing.assert_close(fm.apply(params, tokens, cfg), hf_logits(model.float(), tokens), **TOL)
     half, _ = load_gpt2(tmp_path / "hf", dtype="fp16")
-    testing.assert_trees_equal(half, fm.tree_cast(params, torch.float16))
+    testing.assert_trees_equal(half, fmtree.tree_cast(params, torch.float16))
 
 
 def test_save_then_load_gpt2_round_trips_params_and_config_bitwise(tmp_path):

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 import functional_memopt as fm
 from functional_memopt import testing
-from functional_memopt._grad import value_and_grad
+from functional_memopt.train.grad import value_and_grad
 
 
 def _f(p, x):

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import functional_memopt as fm
-from functional_memopt._ledger import (
+from functional_memopt.memory.ledger import (
     ITEMS,
     MemorySettings,
     ablation,
@@ -16,9 +16,9 @@ from functional_memopt._ledger import (
     predict_memory,
     saved_activation_bytes,
 )
-from functional_memopt._memory import TensorMemoryTracker, untied_loss_fn, untied_params
-from functional_memopt._optim import adamw
-from functional_memopt._train import init_train_state, make_train_step
+from functional_memopt.memory.measure import TensorMemoryTracker, untied_loss_fn, untied_params
+from functional_memopt import adamw
+from functional_memopt.train.step import init_train_state, make_train_step
 
 SMALL = fm.ModelConfig(vocab_size=96, block_size=32, n_layer=2, n_head=4, n_embd=32)
 

@@ -7,10 +7,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from functional_memopt import _tree
-from functional_memopt._loss_scale import (
+from functional_memopt._tree import tree_all_finite as all_finite
+from functional_memopt.train.loss_scale import (
     NoOpLossScale,
     StaticLossScale,
-    all_finite,
     dynamic_loss_scale,
     no_op_loss_scale,
     static_loss_scale,

@@ -6,18 +6,19 @@ import pytest
 import torch
 
 import functional_memopt as fm
-from functional_memopt import _memory
-from functional_memopt._grad import value_and_grad
-from functional_memopt._ledger import MemorySettings, predict_memory
-from functional_memopt._memory import (
+from functional_memopt.app import memory_report
+from functional_memopt.memory import hygiene
+from functional_memopt.train.grad import value_and_grad
+from functional_memopt.memory.ledger import MemorySettings, predict_memory
+from functional_memopt.memory.measure import (
     TensorMemoryTracker,
     measure_memory,
     untied_loss_fn,
     untied_params,
-    with_memory_hygiene,
 )
-from functional_memopt._optim import adamw
-from functional_memopt._train import init_train_state, make_loss_fn, make_train_step
+from functional_memopt.memory.hygiene import with_memory_hygiene
+from functional_memopt import adamw
+from functional_memopt.train.step import init_train_state, make_loss_fn, make_train_step
 from functional_memopt.testing import assert_trees_close, assert_trees_equal
 
 CFG = fm.ModelConfig(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32)
@@ -104,7 +105,7 @@ def _steps(wrap, n=5):
 @pytest.mark.parametrize("every", [1, 2, 3])
 def test_hygiene_collects_garbage_exactly_every_n_steps(every, monkeypatch):
     calls = []
-    monkeypatch.setattr(_memory.gc, "collect", lambda *a: calls.append(1))  # counted, not run: full
+    monkeypatch.setattr(hygiene.gc, "collect", lambda *a: calls.append(1))  # counted, not run: full
     # collections take ~1 s in a test process that holds many objects
     _, metrics = _steps(lambda s: with_memory_hygiene(s, gc_every=every), n=7)
     assert len(calls) == 7 // every
@@ -113,7 +114,7 @@ def test_hygiene_collects_garbage_exactly_every_n_steps(every, monkeypatch):
 
 def test_hygiene_off_never_collects(monkeypatch):
     calls = []
-    monkeypatch.setattr(_memory.gc, "collect", lambda *a: calls.append(1))
+    monkeypatch.setattr(hygiene.gc, "collect", lambda *a: calls.append(1))
     _steps(lambda s: with_memory_hygiene(s), n=3)
     assert calls == []
 
@@ -141,8 +142,8 @@ def test_hygiene_rejects_a_negative_interval():
 
 def _run(argv, capsys):
     parser = argparse.ArgumentParser()
-    _memory.add_memory_arguments(parser)
-    code = _memory.memory_command(parser.parse_args(argv))
+    memory_report.add_memory_arguments(parser)
+    code = memory_report.memory_command(parser.parse_args(argv))
     return code, capsys.readouterr().out
 
 
@@ -160,13 +161,12 @@ def test_the_memory_command_prints_the_ablation_table_and_writes_json(tmp_path, 
 
 
 def test_the_memory_table_shows_measured_peaks_and_their_ratios(capsys, monkeypatch):
-    from functional_memopt import _memory_cli
 
     def fake(cfg, *, batch_size, seq_len, settings, **kw):  # stands in for the subprocess: 1.5x the prediction
         total = predict_memory(cfg, batch_size=batch_size, seq_len=seq_len, **settings._asdict()).total
-        return _memory.MemoryMeasurement(int(1.5 * total), "tensors", int(1.5 * total), None, None)
+        return memory_report.MemoryMeasurement(int(1.5 * total), "tensors", int(1.5 * total), None, None)
 
-    monkeypatch.setattr(_memory_cli, "measure_memory", fake)
+    monkeypatch.setattr(memory_report, "measure_memory", fake)
     code, out = _run(["--preset", "tiny", "--batch-size", "4"], capsys)
     rows = {line.split()[0]: line.split() for line in out.splitlines()[3:] if line.strip()}
     assert code == 0

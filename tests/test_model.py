@@ -6,18 +6,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import functional_memopt as fm
+from functional_memopt import _tree as fmtree
 from functional_memopt import testing
-from functional_memopt._model import block_apply
+from functional_memopt.model.gpt import block_apply
 
 
 def _params64(cfg, seed=0):
-    return fm.tree_cast(fm.init_params(cfg, seed=seed), torch.float64)
+    return fmtree.tree_cast(fm.init_params(cfg, seed=seed), torch.float64)
 
 
 def test_init_params_has_exactly_the_config_shapes_and_one_embedding_leaf():
     cfg = fm.ModelConfig(n_layer=3, n_head=2, n_embd=16, block_size=8, vocab_size=50)
     params = fm.init_params(cfg, seed=1)
-    flat = fm.tree_flatten_with_paths(params)
+    flat = fmtree.tree_flatten_with_paths(params)
     assert {k: tuple(v.shape) for k, v in flat.items()} == fm.param_shapes(cfg)
     assert "lm_head.weight" not in flat and sum(v.shape == (50, 16) for v in flat.values()) == 1
 
@@ -37,14 +38,14 @@ def test_init_params_is_deterministic_in_the_seed_and_respects_dtype():
     testing.assert_trees_equal(fm.init_params(cfg, seed=3), fm.init_params(cfg, seed=3))
     assert not torch.equal(fm.init_params(cfg, seed=3)["wte"], fm.init_params(cfg, seed=4)["wte"])
     half = fm.init_params(cfg, seed=3, dtype=torch.bfloat16)
-    assert all(x.dtype == torch.bfloat16 for x in fm.tree_map(lambda x: x, half).values() if isinstance(x, torch.Tensor))
-    testing.assert_trees_equal(half, fm.tree_cast(fm.init_params(cfg, seed=3), torch.bfloat16))
+    assert all(x.dtype == torch.bfloat16 for x in fmtree.tree_map(lambda x: x, half).values() if isinstance(x, torch.Tensor))
+    testing.assert_trees_equal(half, fmtree.tree_cast(fm.init_params(cfg, seed=3), torch.bfloat16))
 
 
 @given(testing.configs(), st.data())
 def test_apply_leaves_every_param_leaf_bit_identical(cfg, data):
     params = fm.init_params(cfg, seed=0)
-    before = fm.tree_map(torch.clone, params)
+    before = fmtree.tree_map(torch.clone, params)
     batch = data.draw(testing.token_batches(cfg))
     logits = fm.apply(params, batch.tokens, cfg)
     torch.func.grad(lambda p: fm.loss_fn(p, batch.tokens, batch.targets, cfg)[0])(params)
@@ -130,7 +131,7 @@ def test_loss_fn_returns_fp32_sum_and_count_with_ignore_index_and_mask():
     targets[0, 5] = fm.IGNORE_INDEX
     mask = torch.ones(2, 6)
     mask[1, :2] = 0
-    total, count = fm.loss_fn(fm.tree_cast(params, torch.bfloat16), tokens, targets, cfg, mask=mask)
+    total, count = fm.loss_fn(fmtree.tree_cast(params, torch.bfloat16), tokens, targets, cfg, mask=mask)
     assert total.dtype == torch.float32 and count.item() == 12 - 1 - 2
     logits = fm.apply(params, tokens, cfg)
     nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none", ignore_index=-100)
@@ -181,5 +182,5 @@ def test_params_that_do_not_match_the_config_list_every_mismatch():
     text = str(err.value)
     assert "ln_f.bias" in text and "wpe: expected (6, 8), got (5, 8)" in text and "extra" in text
     bigger = dataclasses.replace(CFG, n_layer=2)
-    with pytest.raises(ValueError, match=r"missing \['h\.1\."):
+    with pytest.raises(ValueError, match=r"missing keys \['h\.1\."):
         fm.apply(fm.init_params(CFG), torch.zeros(1, 3, dtype=torch.long), bigger)

@@ -7,20 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import functional_memopt as fm
-from functional_memopt._optim import (
-    EmptyState,
-    GradientTransformation,
-    ScaleByAdamState,
-    SgdState,
-    adamw,
-    apply_updates,
-    chain,
-    clip_by_global_norm,
-    decay_mask,
-    sgd,
-)
-from functional_memopt._adamw import _fusable
-from functional_memopt._schedules import warmup_cosine
+from functional_memopt import _tree as fmtree
+from functional_memopt import GradientTransformation, adamw, apply_updates, chain, clip_by_global_norm, decay_mask, sgd
+from functional_memopt.optim.adamw import ScaleByAdamState
+from functional_memopt.optim.base import EmptyState
+from functional_memopt.optim.sgd import SgdState
+from functional_memopt.optim.adamw_kernel import _fusable
+from functional_memopt.optim.schedules import warmup_cosine
 from functional_memopt.testing import assert_trees_close, assert_trees_equal
 
 STEPS = 50
@@ -197,7 +190,7 @@ def test_adamw_compiles_and_the_compiled_step_stays_close_to_eager():
 
 def test_decay_mask_selects_exactly_the_linear_weights_of_the_model():
     cfg = fm.ModelConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8)
-    flat = fm.tree_flatten_with_paths(decay_mask(fm.init_params(cfg)))
+    flat = fmtree.tree_flatten_with_paths(decay_mask(fm.init_params(cfg)))
     chosen = {k for k, v in flat.items() if v}
     expected = {
         f"h.{i}.{name}.weight" for i in range(2) for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -262,7 +255,7 @@ def test_clip_by_global_norm_leaves_small_gradients_unchanged_and_shrinks_large_
     small = {"a": torch.tensor([0.3, 0.4])}
     assert_trees_equal(clip.update(small, clip.init(None))[0], small)
     big, _ = clip.update({"a": torch.tensor([3.0, 4.0])}, clip.init(None))
-    assert_trees_close(fm.tree_global_norm(big), torch.tensor(1.0), rtol=1e-6, atol=0.0)
+    assert_trees_close(fmtree.tree_global_norm(big), torch.tensor(1.0), rtol=1e-6, atol=0.0)
 
 
 def test_chain_of_clip_and_adamw_equals_applying_them_by_hand():

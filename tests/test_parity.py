@@ -5,10 +5,10 @@ import torch
 
 import functional_memopt as fm
 from functional_memopt import testing
-from functional_memopt._loss_scale import dynamic_loss_scale
-from functional_memopt._optim import adamw
-from functional_memopt._reference import ImperativeTrainer, ReferenceGPT
-from functional_memopt._train import init_train_state, make_train_step
+from functional_memopt.train.loss_scale import dynamic_loss_scale
+from functional_memopt import adamw
+from functional_memopt.testing.reference import ImperativeTrainer, ReferenceGPT
+from functional_memopt.train.step import init_train_state, make_train_step
 
 CFG = fm.ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
 DATA = fm.load_corpus()[:20_000] % 64

@@ -6,15 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from functional_memopt import ModelConfig, init_params, loss_fn, testing
-from functional_memopt._precision import (
-    GRAD_TOLERANCE_FACTOR,
-    LOSS_TOLERANCE_FACTOR,
-    Policy,
-    get_policy,
-    relative_error,
-    tolerance,
-    with_policy,
-)
+from functional_memopt.testing import GRAD_TOLERANCE_FACTOR, LOSS_TOLERANCE_FACTOR, relative_error, tolerance
+from functional_memopt.train.precision import Policy, get_policy, with_policy
 from functional_memopt.testing import assert_trees_equal
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

@@ -4,7 +4,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import functional_memopt as fm
-from functional_memopt._sample import generate
+from functional_memopt import _tree as fmtree
+from functional_memopt.model.generate import generate
 from functional_memopt.testing import assert_trees_equal
 
 CFG = fm.ModelConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16)
@@ -62,8 +63,8 @@ def test_a_batch_of_prompts_is_generated_row_by_row():
 
 
 def test_generate_leaves_params_and_prompt_untouched_and_runs_in_half_precision():
-    params = fm.tree_cast(PARAMS, torch.bfloat16)
-    before = fm.tree_map(torch.clone, params)
+    params = fmtree.tree_cast(PARAMS, torch.bfloat16)
+    before = fmtree.tree_map(torch.clone, params)
     prompt = torch.tensor([1, 2, 3])
     out = generate(params, CFG, prompt, max_new_tokens=4, seed=1)
     assert out.shape == (7,) and prompt.tolist() == [1, 2, 3]

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from functional_memopt._schedules import constant_schedule, cosine_decay, linear_warmup, warmup_cosine
+from functional_memopt.optim.schedules import constant_schedule, cosine_decay, linear_warmup, warmup_cosine
 
 
 def _cos(peak, final, frac):

@@ -15,8 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import functional_memopt as fm
+from functional_memopt import _tree as fmtree
 from functional_memopt import testing
-from functional_memopt._storage import FORMAT_NAME, atomic_write, load_params, save_params
+from functional_memopt.io.files import atomic_write
+from functional_memopt.io.params import FORMAT_NAME, load_params, save_params
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 SMALL = fm.ModelConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=8)
@@ -25,7 +27,7 @@ SMALL = fm.ModelConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=
 def spread_params(cfg, seed):
     """Params whose magnitudes span many binades (1e-7 .. 1e4), so casts round and flush."""
     g = torch.Generator().manual_seed(seed)
-    return fm.tree_map(
+    return fmtree.tree_map(
         lambda x: torch.randn(x.shape, generator=g) * torch.exp(torch.empty(x.shape).uniform_(-16, 8, generator=g)),
         fm.init_params(cfg, seed=seed),
     )
@@ -50,13 +52,13 @@ def test_loading_a_saved_file_gives_the_params_cast_to_the_stored_dtype_bitwise(
         stored, cfg_stored = load_params(path, dtype=want)
         masters, _ = load_params(path)
     assert cfg_stored == cfg
-    testing.assert_trees_equal(stored, fm.tree_cast(params, want))
-    testing.assert_trees_equal(masters, fm.tree_map(lambda x: x.to(want).float(), params))
+    testing.assert_trees_equal(stored, fmtree.tree_cast(params, want))
+    testing.assert_trees_equal(masters, fmtree.tree_map(lambda x: x.to(want).float(), params))
 
 
 def test_save_params_stores_half_precision_by_default_and_leaves_the_input_untouched(tmp_path):
     params = fm.init_params(SMALL, seed=0)
-    before = fm.tree_map(torch.clone, params)
+    before = fmtree.tree_map(torch.clone, params)
     save_params(tmp_path / "p.safetensors", params, SMALL)
     with safe_open(str(tmp_path / "p.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
@@ -69,7 +71,7 @@ def test_keys_are_the_tree_paths_and_the_tied_embedding_is_stored_once(tmp_path)
     save_params(tmp_path / "p.safetensors", params, SMALL)
     with safe_open(str(tmp_path / "p.safetensors"), "pt") as f:
         keys = list(f.keys())
-    assert sorted(keys) == sorted(fm.tree_flatten_with_paths(params))
+    assert sorted(keys) == sorted(fmtree.tree_flatten_with_paths(params))
     assert [k for k in keys if "wte" in k] == ["wte"]
     assert not any("lm_head" in k for k in keys)
 
@@ -83,7 +85,7 @@ def test_metadata_round_trips_the_config_and_names_format_and_version(tmp_path):
     assert fm.ModelConfig.from_dict(json.loads(meta["functional_memopt.config"])) == cfg
     assert meta["functional_memopt.format"] == FORMAT_NAME
     assert meta["functional_memopt.format_version"] == "1"
-    assert meta["functional_memopt.version"] == fm._version.__version__
+    assert meta["functional_memopt.version"] == fm.__version__
     assert meta["functional_memopt.dtype"] == "bfloat16"
     assert load_params(tmp_path / "p.safetensors")[1] == cfg
 
@@ -91,7 +93,7 @@ def test_metadata_round_trips_the_config_and_names_format_and_version(tmp_path):
 def test_an_fp16_file_is_half_the_fp32_file_plus_a_header_under_one_percent(tmp_path):
     cfg = fm.ModelConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=160)
     params = fm.init_params(cfg, seed=0)
-    n = sum(x.numel() for x in fm.tree_flatten_with_paths(params).values())
+    n = sum(x.numel() for x in fmtree.tree_flatten_with_paths(params).values())
     assert n >= 1_000_000
     sizes = {}
     for dtype in DTYPES:
@@ -156,13 +158,13 @@ def test_params_that_do_not_match_the_config_are_refused(tmp_path):
 
 def test_leaves_sharing_memory_are_saved_as_separate_tensors(tmp_path):
     params = fm.init_params(SMALL, seed=0)
-    flat = fm.tree_flatten_with_paths(params)
+    flat = fmtree.tree_flatten_with_paths(params)
     buffer = torch.cat([x.flatten() for x in flat.values()])  # every leaf a view into one buffer
     views, offset = {}, 0
     for k, x in flat.items():
         views[k] = buffer[offset: offset + x.numel()].view(x.shape)
         offset += x.numel()
-    shared = fm.tree_unflatten_from_paths(views, params)
+    shared = fmtree.tree_unflatten_from_paths(views, params)
     save_params(tmp_path / "p.safetensors", shared, SMALL, dtype=torch.float32)
     testing.assert_trees_equal(load_params(tmp_path / "p.safetensors")[0], params)
 
@@ -171,7 +173,7 @@ def test_loading_onto_a_dtype_and_device_is_honoured(tmp_path):
     params = fm.init_params(SMALL, seed=0)
     save_params(tmp_path / "p.safetensors", params, SMALL, dtype=torch.float32)
     loaded, _ = load_params(tmp_path / "p.safetensors", dtype="bf16", device="cpu")
-    testing.assert_trees_equal(loaded, fm.tree_cast(params, torch.bfloat16))
+    testing.assert_trees_equal(loaded, fmtree.tree_cast(params, torch.bfloat16))
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random bytes", "empty", "header bytes flipped"])
@@ -265,16 +267,18 @@ CHILD = textwrap.dedent(
     """
     import os, sys, time
     import functional_memopt as fm
-    from functional_memopt import _storage
+    from functional_memopt.io import files as _files
+    from functional_memopt.io.params import save_params
 
     def stall(fd):  # the temp file is complete, the rename has not happened: die here
         print("ready", flush=True)
         time.sleep(600)
 
     cfg = fm.ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16)
-    params = fm.tree_scale(fm.init_params(cfg, seed=1), 2.0)
-    _storage.os.fsync = stall
-    _storage.save_params(sys.argv[1], params, cfg)
+    params = {k: v for k, v in fm.init_params(cfg, seed=1).items()}
+    params["wte"] = params["wte"] * 2.0
+    _files.os.fsync = stall
+    save_params(sys.argv[1], params, cfg)
     """
 )
 
@@ -297,7 +301,7 @@ def test_a_save_killed_before_it_completes_leaves_the_previous_file_intact(tmp_p
     assert child.returncode == -signal.SIGKILL
     assert path.read_bytes() == old
     loaded, loaded_cfg = load_params(path)
-    testing.assert_trees_equal(loaded, fm.tree_map(lambda x: x.half().float(), params))
+    testing.assert_trees_equal(loaded, fmtree.tree_map(lambda x: x.half().float(), params))
     # The killed process cannot clean up; its temp file is recognisable and never read.
     assert all(e == "p.safetensors" or e.startswith(".p.safetensors.") for e in entries(tmp_path))
 

@@ -7,10 +7,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import functional_memopt as fm
+from functional_memopt import _tree as fmtree
 from functional_memopt import testing
-from functional_memopt._loss_scale import dynamic_loss_scale, static_loss_scale
-from functional_memopt._optim import adamw, sgd
-from functional_memopt._train import TrainState, init_train_state, make_loss_fn, make_train_step
+from functional_memopt.train.loss_scale import dynamic_loss_scale, static_loss_scale
+from functional_memopt import adamw, sgd
+from functional_memopt.train.step import TrainState, init_train_state, make_loss_fn, make_train_step
 
 SMALL = fm.ModelConfig(vocab_size=32, block_size=12, n_layer=2, n_head=2, n_embd=16)
 
@@ -37,7 +38,7 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient_with_ragged_masks(c
 
 @given(st.integers(1, 6), st.integers(0, 1000))
 def test_the_step_normalises_by_total_tokens_not_by_a_mean_of_means(k, seed):
-    params = fm.tree_cast(fm.init_params(SMALL, seed=seed), torch.float64)
+    params = fmtree.tree_cast(fm.init_params(SMALL, seed=seed), torch.float64)
     batch = _batch(SMALL, B=6, seed=seed, ragged=True)
     opt = sgd(1.0)
     fp64 = "params=float64,compute=float64,output=float64"
@@ -53,7 +54,7 @@ def test_the_step_normalises_by_total_tokens_not_by_a_mean_of_means(k, seed):
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 @pytest.mark.parametrize("ls", ["none", "dynamic"])
 def test_a_step_with_nonfinite_gradients_changes_nothing_but_the_loss_scale(bad, ls):
-    opt = adamw(fm._schedules.warmup_cosine(1e-3, 2, 10) if hasattr(fm, "_schedules") else 1e-3)
+    opt = adamw(fm.warmup_cosine(1e-3, 2, 10))
     loss_scale = dynamic_loss_scale(2.0**8) if ls == "dynamic" else None
     state = init_train_state(fm.init_params(SMALL), opt, loss_scale=loss_scale)
     good = make_train_step(SMALL, opt, accum_steps=2, max_grad_norm=1.0)
@@ -99,7 +100,7 @@ def test_reduced_precision_steps_track_the_fp32_step(policy):
     eps = torch.finfo(torch.bfloat16 if policy == "mixed_bf16" else torch.float16).eps
     # Adam normalises updates, so parameters differ by at most ~lr per step where grads disagree.
     testing.assert_trees_close(s_low.params, s_ref.params, rtol=0, atol=3 * 1e-3 * 1.01)
-    assert fm.tree_map(lambda p: p.dtype, s_low.params) == fm.tree_map(lambda p: p.dtype, s_ref.params)
+    assert fmtree.tree_map(lambda p: p.dtype, s_low.params) == fmtree.tree_map(lambda p: p.dtype, s_ref.params)
     assert eps > 0
 
 
@@ -144,7 +145,7 @@ def test_metrics_report_loss_tokens_scale_and_norm():
     torch.testing.assert_close(m["loss"], s / c)
     assert float(m["tokens"]) == float(c) and float(m["loss_scale"]) == 8.0 and not bool(m["skipped"])
     g = torch.func.grad(lambda p: make_loss_fn(SMALL)(p, batch)[0] / c)(state.params)
-    torch.testing.assert_close(m["grad_norm"], fm.tree_global_norm(g), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(m["grad_norm"], fmtree.tree_global_norm(g), rtol=1e-5, atol=1e-7)
 
 
 def test_bad_step_arguments_are_rejected():

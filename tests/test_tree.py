@@ -4,6 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import functional_memopt as fm
+from functional_memopt import _tree as fmtree
 from functional_memopt import testing
 from functional_memopt._tree import tree_paths
 
@@ -14,15 +15,8 @@ def _tree(seed=0, dtype=torch.float32):
             "i": torch.arange(3)}
 
 
-def test_add_sub_scale_match_leafwise_arithmetic():
-    x, y = _tree(0), _tree(1)
-    testing.assert_trees_equal(fm.tree_add(x, y)["b"][1], {"c": x["b"][1]["c"] + y["b"][1]["c"]})
-    testing.assert_trees_equal(fm.tree_sub(fm.tree_add(x, y), y)["a"], (x["a"] + y["a"]) - y["a"])
-    assert torch.equal(fm.tree_scale(x, 3.0)["a"], x["a"] * 3.0)
-
-
 def test_cast_touches_only_floating_leaves():
-    t = fm.tree_cast(_tree(), torch.float16)
+    t = fmtree.tree_cast(_tree(), torch.float16)
     assert t["a"].dtype == torch.float16 and t["i"].dtype == torch.int64
 
 
@@ -30,49 +24,49 @@ def test_cast_touches_only_floating_leaves():
 def test_global_norm_equals_the_norm_of_all_leaves_concatenated(seed, dtype):
     t = _tree(seed, dtype)
     flat = torch.cat([t["a"].flatten(), t["b"][0], t["b"][1]["c"]]).double()
-    torch.testing.assert_close(fm.tree_global_norm(t).double(), flat.norm(), rtol=1e-6, atol=1e-6)
-    assert fm.tree_global_norm(t).dtype == torch.float32
+    torch.testing.assert_close(fmtree.tree_global_norm(t).double(), flat.norm(), rtol=1e-6, atol=1e-6)
+    assert fmtree.tree_global_norm(t).dtype == torch.float32
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 def test_all_finite_detects_any_nonfinite_value(bad):
     t = _tree()
-    assert bool(fm.tree_all_finite(t))
+    assert bool(fmtree.tree_all_finite(t))
     t["b"][1]["c"] = t["b"][1]["c"].clone()
     t["b"][1]["c"][1] = bad
-    assert not bool(fm.tree_all_finite(t))
-
-
-def test_select_is_bit_exact_and_python_bool_returns_the_tree_itself():
-    x, y = _tree(0), _tree(1)
-    testing.assert_trees_equal(fm.tree_select(torch.tensor(True), x, y), x)
-    testing.assert_trees_equal(fm.tree_select(torch.tensor(False), x, y), y)
-    assert fm.tree_select(False, x, y) is y
+    assert not bool(fmtree.tree_all_finite(t))
 
 
 def test_bytes_counts_each_leaf_once():
     t = _tree()
-    assert fm.tree_bytes(t) == (12 + 5 + 2) * 4 + 3 * 8
+    assert fmtree.tree_bytes(t) == (12 + 5 + 2) * 4 + 3 * 8
     shared = torch.zeros(10)
-    assert fm.tree_bytes({"x": shared, "y": shared}) == 40
+    assert fmtree.tree_bytes({"x": shared, "y": shared}) == 40
 
 
 def test_paths_round_trip_and_mismatches_are_listed():
     t = _tree()
-    flat = fm.tree_flatten_with_paths(t)
+    flat = fmtree.tree_flatten_with_paths(t)
     assert list(flat) == tree_paths(t) == ["a", "b.0", "b.1.c", "i"]
-    testing.assert_trees_equal(fm.tree_unflatten_from_paths(flat, t), t)
+    testing.assert_trees_equal(fmtree.tree_unflatten_from_paths(flat, t), t)
     flat.pop("a")
     flat["z"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"missing \['a'\], unexpected \['z'\]"):
-        fm.tree_unflatten_from_paths(flat, t)
+        fmtree.tree_unflatten_from_paths(flat, t)
 
 
 def test_assert_trees_close_reports_the_differing_leaf():
     x = _tree()
-    y = fm.tree_map(torch.clone, x)
+    y = fmtree.tree_map(torch.clone, x)
     y["b"][1]["c"] = y["b"][1]["c"] + 1
     with pytest.raises(AssertionError, match=r"b\.1\.c"):
         testing.assert_trees_equal(x, y)
     with pytest.raises(AssertionError, match="structures differ"):
         testing.assert_trees_equal(x, {"a": x["a"]})
+
+
+def test_from_paths_inverts_flatten_with_paths_for_params():
+    import functional_memopt as fm
+
+    params = fm.init_params(fm.ModelConfig(n_layer=2, n_embd=8, n_head=2, bias=False), seed=3)
+    testing.assert_trees_equal(fmtree.tree_from_paths(fmtree.tree_flatten_with_paths(params)), params)

@@ -16,8 +16,6 @@ import traceback
 import torch
 
 import functional_memopt as fm
-from functional_memopt._optim import adamw
-from functional_memopt._train import init_train_state, make_train_step
 
 from .runners import LR, MAX_GRAD_NORM, WEIGHT_DECAY, Variant, make_runner
 from .timing import interleave, ratio
@@ -31,9 +29,9 @@ def _first_line(text: str, limit: int = 300) -> str:
 def explain_step(cfg: fm.ModelConfig, batch: fm.Batch, engine: str, precision: str) -> dict:
     """Graphs and graph breaks dynamo sees in one functional step (no inductor code generation)."""
     policy = {"fp32": "fp32", "bf16": "mixed_bf16"}[precision]
-    opt = adamw(LR, weight_decay=WEIGHT_DECAY)
-    state = init_train_state(fm.init_params(cfg, seed=0, device=batch.tokens.device), opt, policy=policy)
-    step = make_train_step(cfg, opt, policy=policy, max_grad_norm=MAX_GRAD_NORM, engine=engine)
+    opt = fm.adamw(LR, weight_decay=WEIGHT_DECAY)
+    state = fm.init_train_state(fm.init_params(cfg, seed=0, device=batch.tokens.device), opt, policy=policy)
+    step = fm.make_train_step(cfg, opt, policy=policy, max_grad_norm=MAX_GRAD_NORM, engine=engine)
     torch._dynamo.reset()
     try:
         ex = torch._dynamo.explain(step)(state, batch)

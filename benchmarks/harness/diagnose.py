@@ -17,21 +17,16 @@ import torch
 import torch.nn.functional as F
 
 import functional_memopt as fm
-from functional_memopt._accumulate import accumulate_gradients
-from functional_memopt._grad import value_and_grad
-from functional_memopt._optim import adamw, apply_updates
-from functional_memopt._precision import with_policy
-from functional_memopt._reference import ReferenceGPT
-from functional_memopt._train import init_train_state, make_loss_fn
-from functional_memopt._tree import tree_all_finite, tree_global_norm, tree_select
+from functional_memopt.testing.reference import ReferenceGPT
 
 from .runners import LR, WEIGHT_DECAY, Variant, functional_runner
 from .timing import interleave
+from .trees import tree_all_finite, tree_flatten_with_paths, tree_global_norm, tree_select
 
 
 def _reference_model(cfg, params):
     model = ReferenceGPT.from_params(params, cfg)
-    flat = fm.tree_flatten_with_paths(params)
+    flat = tree_flatten_with_paths(params)
     for name, p in model.named_parameters():
         key = name[: -len(".weight")] if name in ("wte.weight", "wpe.weight") else name
         p.grad = torch.randn_like(flat[key]) * 1e-3
@@ -41,9 +36,9 @@ def _reference_model(cfg, params):
 def post_grad(cfg: fm.ModelConfig, *, reps: int, device: torch.device, clock: str) -> dict:
     """Median time of each post-gradient piece for the params of ``cfg``."""
     params = fm.init_params(cfg, seed=0, device=device)
-    opt = adamw(LR, weight_decay=WEIGHT_DECAY)
-    state = init_train_state(params, opt)
-    donated = init_train_state(optree.tree_map(torch.clone, params), opt)
+    opt = fm.adamw(LR, weight_decay=WEIGHT_DECAY)
+    state = fm.init_train_state(params, opt)
+    donated = fm.init_train_state(optree.tree_map(torch.clone, params), opt)
     grads = optree.tree_map(lambda p: torch.randn_like(p) * 1e-3, params)
     leaves = optree.tree_leaves(grads)
     found = torch.zeros((), device=device)
@@ -57,13 +52,13 @@ def post_grad(cfg: fm.ModelConfig, *, reps: int, device: torch.device, clock: st
 
     def pure_adamw():
         updates, _ = opt.update(grads, state.opt_state, state.params)
-        return apply_updates(state.params, updates)
+        return fm.apply_updates(state.params, updates)
 
     def donated_adamw():
         g = [x.clone() for x in leaves]  # a donating update consumes its gradients
         updates, s = opt.update(optree.tree_unflatten(optree.tree_structure(grads), g), donated.opt_state,
                                 donated.params, donate=True)
-        apply_updates(donated.params, updates, donate=True)
+        fm.apply_updates(donated.params, updates, donate=True)
 
     def clone_grads():
         return [x.clone() for x in leaves]
@@ -101,7 +96,7 @@ def gradient_fold(cfg: fm.ModelConfig, batch: fm.Batch, *, accum: int, precision
     """Forward + backward over ``accum`` micro-batches: functional engines against the reference."""
     params = fm.init_params(cfg, seed=0, device=device)
     policy = {"fp32": "fp32", "bf16": "mixed_bf16"}[precision]
-    loss = with_policy(make_loss_fn(cfg), policy)
+    loss = fm.with_policy(fm.make_loss_fn(cfg), policy)
     factor = torch.tensor(1.0 / batch.tokens.numel(), dtype=torch.float64, device=device)
 
     def scaled(p, b, f):
@@ -109,11 +104,11 @@ def gradient_fold(cfg: fm.ModelConfig, batch: fm.Batch, *, accum: int, precision
         return s * f.to(s.dtype), (s.detach(), c.detach())
 
     def functional(engine):
-        g = value_and_grad(scaled, has_aux=True, engine=engine)
+        g = fm.value_and_grad(scaled, has_aux=True, engine=engine)
 
         def run():
             micro = fm.split_microbatches(batch, accum) if accum > 1 else [batch]
-            return accumulate_gradients(lambda p, mb: g(p, mb, factor), params, micro)
+            return fm.accumulate_gradients(lambda p, mb: g(p, mb, factor), params, micro)
 
         return run
 
@@ -142,10 +137,10 @@ def remat_gradients_carry_history(cfg: fm.ModelConfig, batch: fm.Batch) -> dict:
     is recorded by autograd too.
     """
     params = fm.init_params(cfg, seed=0, device=batch.tokens.device)
-    loss = make_loss_fn(cfg, remat="all")
+    loss = fm.make_loss_fn(cfg, remat="all")
     out = {}
     for engine in ("autograd", "func"):
-        _, grads = value_and_grad(lambda p, b: loss(p, b)[0], engine=engine)(params, batch)
+        _, grads = fm.value_and_grad(lambda p, b: loss(p, b)[0], engine=engine)(params, batch)
         out[engine] = any(g.requires_grad for g in optree.tree_leaves(grads))
     return out
 

@@ -83,15 +83,15 @@ def findings(r: dict) -> str:
                                                for c in remat_rows) + ".")
         if flag and flag.get("autograd"):
             out.append(" The gradients that come back through a rematerialised block still require grad under "
-                       "the autograd engine: `_Remat.backward` recomputes with `torch.func.vjp` on the saved "
+                       "the autograd engine: `fm.remat`'s backward recomputes with `torch.func.vjp` on the saved "
                        "inputs as they are (they are the live, requires-grad leaves), so under `enable_grad` "
                        "the outer autograd also records the recomputation and its vjp, and each gradient "
                        "holds its block's recomputed activations until the optimizer is done (the memory table's "
                        "remat row) and autograd records the optimizer's arithmetic on them. Fix "
-                       "(functional_memopt/_remat.py, `_Remat.backward`): recompute on `x.detach()` and "
+                       "(`fm.remat`, its autograd function's backward): recompute on `x.detach()` and "
                        "`[leaf.detach() for leaf in leaves]`; outside a torch.func transform a plain "
                        "`torch.autograd.grad` recompute is cheaper still. Defensive second fix "
-                       "(functional_memopt/_grad.py, the autograd engine): detach the returned gradients.\n")
+                       "(`fm.value_and_grad`, the autograd engine): detach the returned gradients.\n")
         else:
             out.append(" Remat's gradients carry no autograd history; the cost is the second forward of each block.\n")
     acc = _cost_rows(sp, "accumulation (8")
@@ -122,7 +122,7 @@ def findings(r: dict) -> str:
     ex = c.get("explain", {}) if isinstance(c, dict) else {}
     if ex:
         out.append("\n**Compile.** The step's `if not bool(finite)` is a data-dependent branch: dynamo breaks the "
-                   "graph there under both engines. Fix (functional_memopt/_train.py): an option to take the "
+                   "graph there under both engines. Fix (`fm.make_train_step`): an option to take the "
                    "skip with `tree_select(finite, new, old)` (cost above) or `torch.cond`, so the whole step "
                    "is one graph. Under the autograd engine `torch.autograd.grad` is not traced "
                    "(`torch._dynamo.config.trace_autograd_ops`), so its forward and backward compile as "

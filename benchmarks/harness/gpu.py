@@ -15,10 +15,6 @@ import traceback
 import torch
 
 import functional_memopt as fm
-from functional_memopt._grad import value_and_grad
-from functional_memopt._model import param_shapes
-from functional_memopt._precision import with_policy
-from functional_memopt._train import make_loss_fn
 
 from .runners import Variant, make_runner
 from .timing import interleave, ratio
@@ -37,7 +33,7 @@ def peak_bf16_flops(name: str) -> float | None:
 
 def flops_per_step(cfg: fm.ModelConfig, rows: int, seq: int) -> float:
     """nanoGPT's estimate: (6N + 12 L H Q T) flops per token, times the tokens of one step."""
-    n = sum(math.prod(s) for s in param_shapes(cfg).values()) - cfg.block_size * cfg.n_embd
+    n = sum(math.prod(s) for s in fm.param_shapes(cfg).values()) - cfg.block_size * cfg.n_embd
     per_token = 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq
     return per_token * rows * seq
 
@@ -47,7 +43,7 @@ def sdpa_backends(cfg: fm.ModelConfig, batch: fm.Batch) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     params = fm.init_params(cfg, seed=0, device=batch.tokens.device)
-    grad = value_and_grad(with_policy(lambda p, b: make_loss_fn(cfg)(p, b)[0], "mixed_bf16"))
+    grad = fm.value_and_grad(fm.with_policy(lambda p, b: fm.make_loss_fn(cfg)(p, b)[0], "mixed_bf16"))
     out = {}
     for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
         backend = getattr(SDPBackend, name, None)

@@ -1,14 +1,14 @@
 """Figure 4: peak memory of each technique alone and all together, next to the ledger's prediction;
 what memory hygiene costs and gives back; the CUDA allocator's expandable segments.
 
-The techniques are measured with the library's own ``measure_memory`` (functional_memopt._memory:
-a fresh process per configuration on the CPU, exact live tensor bytes, and the resident set
-beside them) on the ledger's ablation rows, plus in-place (donated) updates. Without that module
-the benchmark measures itself, also in a fresh process per row: the bytes the run holds between
-steps plus the rise of the resident-set high-water mark (VmHWM, reset through
-/proc/self/clear_refs) over a step, with glibc told to map every block of 64 KiB or more on its
-own (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the resident set at once. On CUDA the
-peak is ``torch.cuda.max_memory_allocated``.
+The techniques are measured with the library's own ``fm.measure_memory`` (a fresh process per
+configuration on the CPU, exact live tensor bytes, and the resident set beside them) on the
+ledger's ``fm.ablation`` rows, plus in-place (donated) updates. Without them the benchmark
+measures itself, also in a fresh process per row: the bytes the run holds between steps plus the
+rise of the resident-set high-water mark (``fm.rss_peak``, reset by ``fm.reset_rss_peak``) over a
+step, with glibc told to map every block of 64 KiB or more on its own (MALLOC_MMAP_THRESHOLD_) so
+that freed tensors leave the resident set at once. On CUDA the peak is
+``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -19,12 +19,10 @@ import time
 import torch
 
 import functional_memopt as fm
-from functional_memopt._memory import _reset_rss_peak as _reset_hwm
-from functional_memopt._memory import _rss_now as _rss
-from functional_memopt._memory import _rss_peak as _hwm
 
 from .runners import PRECISIONS, Variant, functional_runner
 from .spawn import spawn
+from .trees import tree_bytes
 
 MEMORY_TARGET_ALL = 0.40  # all techniques together, as a fraction of the fp32 baseline
 LEDGER_TOLERANCE = 0.10  # measured within 10% of predicted
@@ -48,13 +46,13 @@ def memory_worker(spec: dict) -> dict:
     del data
     gc.collect()
     cuda = device.type == "cuda"
-    base = torch.cuda.memory_allocated(device) if cuda else _rss()
+    base = torch.cuda.memory_allocated(device) if cuda else fm.rss_now()
     params = fm.init_params(cfg, seed=0, device=device)
     run = functional_runner(cfg, params, batch, v)
     del params
     gc.collect()
     times, after, reset, rise = [], [], False, 0
-    held = fm.tree_bytes((run.state.params, run.state.opt_state)) + fm.tree_bytes(tuple(batch))
+    held = tree_bytes((run.state.params, run.state.opt_state)) + tree_bytes(tuple(batch))
     for i in range(spec["steps"]):
         measured = i >= spec.get("measure_from", 1)
         if i == spec.get("measure_from", 1):
@@ -63,15 +61,15 @@ def memory_worker(spec: dict) -> dict:
                 torch.cuda.reset_peak_memory_stats(device)
             else:
                 gc.collect()
-                before = _rss()
-                reset = _reset_hwm()
+                before = fm.rss_now()
+                reset = fm.reset_rss_peak()
         t0 = time.perf_counter()
         metrics = run()
         float(metrics["loss"])  # waits for the step's work
         times.append(time.perf_counter() - t0)
-        after.append((torch.cuda.memory_reserved(device) if cuda else _rss()) - (0 if cuda else base))
+        after.append((torch.cuda.memory_reserved(device) if cuda else fm.rss_now()) - (0 if cuda else base))
         if measured and not cuda:
-            rise = max(rise, _hwm() - before)
+            rise = max(rise, fm.rss_peak() - before)
     out = {"step_wall_s": times, "after_step_bytes": after, "loss": float(metrics["loss"]), "held_bytes": held}
     if cuda:
         out.update(peak_bytes=torch.cuda.max_memory_allocated(device) - base,
@@ -79,7 +77,7 @@ def memory_worker(spec: dict) -> dict:
                    reserved_bytes=torch.cuda.memory_reserved(device),
                    allocated_bytes=torch.cuda.memory_allocated(device) - base, measure="cuda max_memory_allocated")
     else:
-        out.update(peak_bytes=held + rise, process_peak_bytes=_hwm() - base, rss_bytes=_rss() - base,
+        out.update(peak_bytes=held + rise, process_peak_bytes=fm.rss_peak() - base, rss_bytes=fm.rss_now() - base,
                    measure="state bytes + rise of the resident set over the step (VmHWM)"
                    + ("" if reset else "; the peak could not be reset, so it may include set-up"))
     return out
@@ -90,15 +88,13 @@ def _settings(v: Variant) -> dict:
 
 
 def _prediction(cfg: fm.ModelConfig, rows: int, seq: int, device: str, v: Variant) -> tuple[dict | None, str]:
+    if not hasattr(fm, "predict_memory"):
+        return None, "ledger not available (no fm.predict_memory)"
     try:
-        from functional_memopt._ledger import predict_memory
-    except ImportError as err:
-        return None, f"ledger not available ({err})"
-    try:
-        p = predict_memory(cfg, batch_size=rows, seq_len=seq, device=device, tied=True, **_settings(v))
+        p = fm.predict_memory(cfg, batch_size=rows, seq_len=seq, device=device, tied=True, **_settings(v))
     except Exception as err:  # a ledger that refuses the settings is reported, not fatal
         return None, f"{type(err).__name__}: {err}"
-    return {"total": p.total, "phase": p.phase, "peak": p.peak}, "functional_memopt._ledger.predict_memory"
+    return {"total": p.total, "phase": p.phase, "peak": p.peak}, "fm.predict_memory"
 
 
 def technique_variants(accum: int) -> dict[str, Variant]:
@@ -137,29 +133,24 @@ def _measure(spec: dict, *, timeout: float, env: dict | None = None) -> dict:
 def _library_rows(cfg: fm.ModelConfig, rows: int, seq: int, accum: int, device: str) -> list | None:
     """[(name, MemorySettings, prediction)]: the ledger's ablation plus donated updates; None
     when the library has no ledger or no measurement."""
-    try:
-        from functional_memopt._ledger import ablation, predict_memory
-        from functional_memopt._memory import measure_memory  # noqa: F401  (checked here, used by the caller)
-    except ImportError:
+    if not all(hasattr(fm, name) for name in ("ablation", "predict_memory", "measure_memory")):
         return None
-    table = [(name, p.settings, p) for name, p in ablation(cfg, rows, seq, accum_steps=accum, device=device)]
+    table = [(name, p.settings, p) for name, p in fm.ablation(cfg, rows, seq, accum_steps=accum, device=device)]
     extra = [("donate (in-place update)", table[0][1]._replace(donate=True)),
              ("all + donate", table[-1][1]._replace(donate=True))]
     for name, s in extra:
-        table.append((name, s, predict_memory(cfg, batch_size=rows, seq_len=seq, device=device, **s._asdict())))
+        table.append((name, s, fm.predict_memory(cfg, batch_size=rows, seq_len=seq, device=device, **s._asdict())))
     return table
 
 
 def _measure_with_library(cfg, rows, seq, settings, device: torch.device, timeout: float) -> dict:
-    from functional_memopt._memory import measure_memory
-
     try:
-        m = measure_memory(cfg, batch_size=rows, seq_len=seq, settings=settings, device=device.type,
+        m = fm.measure_memory(cfg, batch_size=rows, seq_len=seq, settings=settings, device=device.type,
                            timeout=timeout)
     except Exception as err:  # one failing row is reported, the others still run
         return {"error": f"{type(err).__name__}: {str(err)[:300]}"}
     return {"peak_bytes": m.peak_bytes, "process_peak_bytes": m.rss_bytes,
-            "measure": f"functional_memopt._memory.measure_memory ({m.method})"}
+            "measure": f"fm.measure_memory ({m.method})"}
 
 
 def run_memory(cfg: fm.ModelConfig, rows: int, seq: int, *, accum: int, device: torch.device, threads: int,
@@ -185,7 +176,7 @@ def run_memory(cfg: fm.ModelConfig, rows: int, seq: int, *, accum: int, device: 
         if v is None:
             res = _measure_with_library(cfg, rows, seq, settings, device, timeout)
             pred = {"total": pred_full.total, "phase": pred_full.phase}
-            source, shown = "functional_memopt._ledger (ablation / predict_memory)", settings._asdict()
+            source, shown = "fm.ablation / fm.predict_memory", settings._asdict()
         else:
             res = _measure(_spec(cfg, rows, seq, v, device, threads, steps=2), timeout=timeout, env=env)
             pred, source = _prediction(cfg, rows, seq, device.type, v)

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
 from typing import Any, Callable
 
 import optree
 import torch
 
 import functional_memopt as fm
-from functional_memopt._loss_scale import dynamic_loss_scale
-from functional_memopt._optim import adamw
-from functional_memopt._reference import ImperativeTrainer, ReferenceGPT
-from functional_memopt._train import init_train_state, make_train_step
+from functional_memopt.testing.reference import ImperativeTrainer, ReferenceGPT
 
 LR = 1e-4  # small enough that a fixed batch repeated for a few steps never diverges
 WEIGHT_DECAY = 0.01
@@ -39,29 +35,6 @@ class Variant:
     compile: bool = False  # torch.compile the functional step / the reference model
 
 
-def hygiene_wrapper(step: Callable, every: int, device: torch.device) -> tuple[Callable, str]:
-    """``step`` with memory hygiene every ``every`` calls: the library's wrapper when it has one."""
-    try:
-        from functional_memopt._memory import with_memory_hygiene
-
-        return (with_memory_hygiene(step, gc_every=every, stats=False),
-                "functional_memopt._memory.with_memory_hygiene")
-    except ImportError:
-        pass
-    calls = [0]
-
-    def wrapped(state, batch):
-        out = step(state, batch)
-        calls[0] += 1
-        if calls[0] % every == 0:
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        return out
-
-    return wrapped, "gc.collect + torch.cuda.empty_cache (benchmark's own)"
-
-
 class FunctionalRunner:
     """One functional step per call on a fixed batch; ``state`` is the current TrainState."""
 
@@ -69,17 +42,17 @@ class FunctionalRunner:
         policy, needs_scale = PRECISIONS[v.precision]
         device = batch.tokens.device
         use_scale = needs_scale if v.loss_scale is None else v.loss_scale
-        opt = adamw(LR, weight_decay=WEIGHT_DECAY)
+        opt = fm.adamw(LR, weight_decay=WEIGHT_DECAY)
         own = optree.tree_map(torch.clone, params)  # a donating runner writes into its params
-        ls = dynamic_loss_scale(device=device) if use_scale else None
-        self.state = init_train_state(own, opt, loss_scale=ls, policy=policy)
-        step = make_train_step(cfg, opt, policy=policy, accum_steps=v.accum, remat=v.remat,
-                               max_grad_norm=MAX_GRAD_NORM, donate=v.donate, engine=v.engine,
-                               policy_mode=v.policy_mode)
+        ls = fm.dynamic_loss_scale(device=device) if use_scale else None
+        self.state = fm.init_train_state(own, opt, loss_scale=ls, policy=policy)
+        step = fm.make_train_step(cfg, opt, policy=policy, accum_steps=v.accum, remat=v.remat,
+                                  max_grad_norm=MAX_GRAD_NORM, donate=v.donate, engine=v.engine,
+                                  policy_mode=v.policy_mode)
         if v.compile:
             step = torch.compile(step)
         if v.hygiene_every:
-            step, _ = hygiene_wrapper(step, v.hygiene_every, device)
+            step = fm.with_memory_hygiene(step, gc_every=v.hygiene_every, stats=False)
         self.step, self.batch = step, batch
 
     def __call__(self) -> dict:

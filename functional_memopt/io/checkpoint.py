@@ -88,7 +88,7 @@ def save_checkpoint(run_dir: str | os.PathLike, state: Any, *, cfg: ModelConfig,
         >>> save_checkpoint("runs/a", state, cfg=cfg, meta={"batch_index": 100})  # doctest: +SKIP
     """
     run_dir = os.fspath(run_dir)
-    if parallel is not None and parallel.world_size > 1:
+    if parallel is not None:
         if optimizer is None:
             raise ValueError("save_checkpoint: a data-parallel state needs optimizer= to gather its optimizer state.")
         full = parallel.gather(state, optimizer, dst=0)

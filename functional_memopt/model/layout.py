@@ -115,7 +115,7 @@ def check_shapes(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, *, caller
     unexpected = sorted(k for k in shapes if k not in want)
     wrong = [f"{k}: expected {want[k]}, got {tuple(shapes[k])}" for k in want if k in shapes and tuple(shapes[k]) != want[k]]
     if missing or unexpected or wrong:
-        parts = [f"missing {missing}"] * bool(missing) + [f"unexpected {unexpected}"] * bool(unexpected)
+        parts = [f"missing keys {missing}"] * bool(missing) + [f"unexpected keys {unexpected}"] * bool(unexpected)
         parts += ["wrong shapes [" + "; ".join(wrong) + "]"] * bool(wrong)
         raise ValueError(
             f"{caller}: {source} does not match the config (n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, "
