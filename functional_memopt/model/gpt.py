@@ -12,8 +12,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .._tree import tree_cast
 from ..data.batch import IGNORE_INDEX, token_weights
 from .attention import build_attention_mask, causal_attention, positions_from_segments
+from .chunked_loss import chunked_token_loss
 from .config import ModelConfig
 from .layout import check_params
 from .remat import RematSpec, remat_layers
@@ -67,8 +69,30 @@ def block_apply(block: dict, x: torch.Tensor, *, cfg: ModelConfig, mask: torch.T
     return x + _mlp(_layer_norm(x, block["ln_2"], eps), block["mlp"])
 
 
-def _block_fn(block, x, *, cfg, mask):
+def _block_fn(block, x, *, cfg, mask, compute_dtype):
+    # Cast just in time: this block's params become compute-dtype copies here, and under remat
+    # inside the recomputed region, so at most one block's copy is alive at a time.
+    if compute_dtype is not None:
+        block = tree_cast(block, compute_dtype)
     return block_apply(block, x, cfg=cfg, mask=mask)
+
+
+def _features_and_head(params, tokens, cfg, *, attention_mask, segment_ids, remat, compute_dtype):
+    """(B, T, C) features after the final layer norm, and the head's weight (wte, cast once)."""
+    T = tokens.shape[1]
+    if segment_ids is not None:
+        pos = positions_from_segments(segment_ids)
+    else:
+        pos = torch.arange(T, device=tokens.device)
+    cast = (lambda t: t) if compute_dtype is None else (lambda t: tree_cast(t, compute_dtype))
+    wte = cast(params["wte"])  # one copy serves the embedding and the head, so their gradients add up
+    x = F.embedding(tokens, wte) + F.embedding(pos, cast(params["wpe"]))  # (B, T, C)
+    mask = build_attention_mask(T, attention_mask=attention_mask, segment_ids=segment_ids, device=tokens.device)
+    fn = functools.partial(_block_fn, cfg=cfg, mask=mask, compute_dtype=compute_dtype)
+    chosen = remat_layers(remat, cfg.n_layer)
+    for i, block in enumerate(params["h"]):
+        x = rematerialise(fn, block, x) if i in chosen else fn(block, x)
+    return _layer_norm(x, cast(params["ln_f"]), cfg.layer_norm_eps), wte
 
 
 def apply(
@@ -79,22 +103,25 @@ def apply(
     attention_mask: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
     remat: RematSpec = None,
+    compute_dtype: torch.dtype | None = None,
     check: bool = True,
 ) -> torch.Tensor:
     """The model's logits for ``tokens``; a pure function of ``params``.
 
     Args:
-        params: tree from :func:`init_params` (any floating dtype; the compute runs in it).
+        params: tree from :func:`init_params` (any floating dtype).
         tokens: (B, T) int64 ids in [0, vocab_size), T <= block_size.
         cfg: the config the params were made for.
         attention_mask: optional (B, T), 1 for real tokens and 0 for padding keys.
         segment_ids: optional (B, T) document ids for packed rows; attention stays inside a
             document and positions restart at each document's first token.
         remat: which blocks to rematerialise (see :func:`remat_layers`).
+        compute_dtype: run in this dtype, casting each block's params just before the block
+            (None: in the params' own dtype).
         check: validate params and tokens (costs a host sync for the token range).
 
     Returns:
-        (B, T, vocab_size) logits, in the params' dtype.
+        (B, T, vocab_size) logits, in the compute dtype (the params' dtype by default).
 
     Example:
         >>> cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)
@@ -104,9 +131,10 @@ def apply(
     if check:
         check_tokens(tokens, cfg)
         check_params(params, cfg)
-    x = final_features(params, tokens, cfg, attention_mask=attention_mask, segment_ids=segment_ids, remat=remat)
+    x, wte = _features_and_head(params, tokens, cfg, attention_mask=attention_mask, segment_ids=segment_ids,
+                                remat=remat, compute_dtype=compute_dtype)
     # Weight tying: the head is the embedding matrix itself (Press & Wolf 2017); no copy is made.
-    return F.linear(x, params["wte"])  # (B, T, V)
+    return F.linear(x, wte)  # (B, T, V)
 
 
 def final_features(
@@ -117,24 +145,15 @@ def final_features(
     attention_mask: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
     remat: RematSpec = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Everything of :func:`apply` before the head: (B, T, C) after the final layer norm.
 
     Reads only wte (as the embedding), wpe, h and ln_f, so a variant head (e.g. an untied one in
     the memory ledger's baseline) can be put on top. No input checks.
     """
-    T = tokens.shape[1]
-    if segment_ids is not None:
-        pos = positions_from_segments(segment_ids)
-    else:
-        pos = torch.arange(T, device=tokens.device)
-    x = F.embedding(tokens, params["wte"]) + F.embedding(pos, params["wpe"])  # (B, T, C)
-    mask = build_attention_mask(T, attention_mask=attention_mask, segment_ids=segment_ids, device=tokens.device)
-    fn = functools.partial(_block_fn, cfg=cfg, mask=mask)
-    chosen = remat_layers(remat, cfg.n_layer)
-    for i, block in enumerate(params["h"]):
-        x = rematerialise(fn, block, x) if i in chosen else fn(block, x)
-    return _layer_norm(x, params["ln_f"], cfg.layer_norm_eps)
+    return _features_and_head(params, tokens, cfg, attention_mask=attention_mask, segment_ids=segment_ids,
+                              remat=remat, compute_dtype=compute_dtype)[0]
 
 
 def loss_fn(
@@ -147,6 +166,8 @@ def loss_fn(
     attention_mask: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
     remat: RematSpec = None,
+    compute_dtype: torch.dtype | None = None,
+    loss_chunk: int | None = None,
     check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed token cross-entropy in float32 and the number of tokens counted.
@@ -156,17 +177,24 @@ def loss_fn(
     differ.
 
     Args:
-        params, tokens, cfg, attention_mask, segment_ids, remat, check: as for :func:`apply`.
+        params, tokens, cfg, attention_mask, segment_ids, remat, compute_dtype, check: as for
+            :func:`apply`.
         targets: (B, T) next-token ids; IGNORE_INDEX marks positions not counted.
         mask: optional (B, T) loss mask, nonzero where the token counts.
+        loss_chunk: tokens per chunk of the head and cross-entropy (``chunked_token_loss``): the
+            (B, T, V) logits are never materialised. None computes them whole.
 
     Returns:
         (loss_sum, count): 0-d float32 tensors (float64 when the params are float64).
     """
-    logits = apply(
-        params, tokens, cfg, attention_mask=attention_mask, segment_ids=segment_ids, remat=remat, check=check
-    )
-    return token_loss(logits, targets, mask)
+    if check:
+        check_tokens(tokens, cfg)
+        check_params(params, cfg)
+    x, wte = _features_and_head(params, tokens, cfg, attention_mask=attention_mask, segment_ids=segment_ids,
+                                remat=remat, compute_dtype=compute_dtype)
+    if loss_chunk is not None:
+        return chunked_token_loss(x, wte, targets, mask, chunk=loss_chunk)
+    return token_loss(F.linear(x, wte), targets, mask)
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> tuple:

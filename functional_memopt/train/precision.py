@@ -159,6 +159,7 @@ def with_policy(
     *,
     mode: str = "cast",
     cast_inputs: bool = True,
+    cast_params: bool = True,
     device_type: str | None = None,
 ) -> Callable[..., Any]:
     """``fn(params, *args, **kwargs)`` run at the policy's compute precision.
@@ -179,6 +180,9 @@ def with_policy(
         policy: a Policy or a string for :func:`get_policy`.
         mode: "cast" or "autocast".
         cast_inputs: in cast mode, also cast floating tensors in ``args`` and ``kwargs``.
+        cast_params: in cast mode, cast the params before calling ``fn``. Pass False when ``fn``
+            casts them itself, just in time (the model's loss with ``compute_dtype``): the
+            gradients are the same, and only one block's compute copy is alive at a time.
         device_type: for autocast; by default the device type of the first floating param.
 
     Returns:
@@ -199,7 +203,7 @@ def with_policy(
         if mode == "cast":
             if cast_inputs:
                 args, kwargs = policy.cast_to_compute((args, kwargs))
-            out = fn(policy.cast_to_compute(params), *args, **kwargs)
+            out = fn(policy.cast_to_compute(params) if cast_params else params, *args, **kwargs)
         else:
             params = policy.cast_to_param(params)
             kind = device_type or _device_type(params)

@@ -85,19 +85,22 @@ def init_train_state(
     )
 
 
-def make_loss_fn(cfg: ModelConfig, *, remat: RematSpec = None, check: bool = False) -> Callable:
+def make_loss_fn(cfg: ModelConfig, *, remat: RematSpec = None, loss_chunk: int | None = None,
+                 compute_dtype: torch.dtype | None = None, check: bool = False) -> Callable:
     """The model's ``loss(params, batch) -> (loss_sum, count)`` for a Batch.
 
     Args:
         cfg: the model config.
         remat: blocks to rematerialise (see remat_layers).
+        loss_chunk: tokens per chunk of the head and cross-entropy (None: the whole logits).
+        compute_dtype: cast each block's params to this dtype just in time (None: no cast).
         check: validate tokens and params on every call (a host sync; off inside the step).
     """
 
     def loss(params, batch: Batch):
         return model_loss_fn(params, batch.tokens, batch.targets, cfg, mask=batch.mask,
                              attention_mask=batch.attention_mask, segment_ids=batch.segment_ids, remat=remat,
-                             check=check)
+                             compute_dtype=compute_dtype, loss_chunk=loss_chunk, check=check)
 
     return loss
 
@@ -110,6 +113,7 @@ def make_train_step(
     accum_steps: int = 1,
     remat: RematSpec = None,
     max_grad_norm: float | None = None,
+    loss_chunk: int | None = None,
     loss_fn: Callable | None = None,
     count_fn: Callable | None = None,
     donate: bool = False,
@@ -128,6 +132,9 @@ def make_train_step(
         max_grad_norm: clip the global gradient norm to this (None: no clipping). Under data
             parallel this is the norm of the global gradient; clip here rather than with
             ``clip_by_global_norm`` inside the optimizer, which would see one shard under ZeRO.
+        loss_chunk: tokens per chunk of the model's head and cross-entropy, so the (b, T, V)
+            logits of a micro-batch are never materialised (None: computed whole). The ledger
+            chooses one (``memopt train --loss-chunk auto``).
         loss_fn: ``loss_fn(params, batch) -> (loss_sum, count)``; the model's by default. A custom
             batch type needs a ``split_microbatches``-compatible NamedTuple of (B, ...) tensors.
         count_fn: ``count_fn(batch) -> tokens`` that ``loss_fn`` counts in the whole batch (default
@@ -160,11 +167,18 @@ def make_train_step(
     if parallel is not None and not isinstance(parallel, Parallelism):
         raise TypeError(f"make_train_step: parallel must be a Parallelism (e.g. data_parallel()) or None, "
                         f"got {type(parallel).__name__}.")
+    jit_cast = loss_fn is None and policy_mode == "cast"
     if loss_fn is None:
         if cfg is None:
             raise ValueError("make_train_step: pass a ModelConfig or a loss_fn.")
-        loss_fn = make_loss_fn(cfg, remat=remat)
-    policed = with_policy(loss_fn, pol, mode=policy_mode)
+        # Under the cast policy the model casts each block's params just in time (bit-identical
+        # gradients, one block's compute copy alive at a time instead of the whole model's).
+        loss_fn = make_loss_fn(cfg, remat=remat, loss_chunk=loss_chunk,
+                               compute_dtype=pol.compute_dtype if jit_cast else None)
+    elif loss_chunk is not None:
+        raise ValueError("make_train_step: loss_chunk applies to the model's own loss; a custom loss_fn chunks "
+                         "its own head (see chunked_token_loss).")
+    policed = with_policy(loss_fn, pol, mode=policy_mode, cast_params=not jit_cast)
     count_tokens = count_fn or token_count
     par = parallel or single_process()
 
