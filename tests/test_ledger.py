@@ -163,7 +163,7 @@ def _tracked_peak(cfg, batch_size, seq_len, s: MemorySettings):
     opt = adamw(1e-3)
     state = init_train_state(params, opt, policy=s.policy)
     step = make_train_step(cfg, opt, policy=s.policy, accum_steps=s.accum_steps, remat=s.remat, donate=s.donate,
-                           loss_fn=None if s.tied else untied_loss_fn(cfg, remat=s.remat))
+                           loss_fn=None if s.tied else untied_loss_fn(cfg, remat=s.remat), loss_chunk=s.loss_chunk)
     batch = fm.sample_batch(fm.load_corpus(), batch_size, seq_len, seed=0, index=0)
     state, _ = step(state, batch)  # the step measured is a second one, as in training
     gc.collect()
@@ -188,6 +188,10 @@ MEASURED = fm.ModelConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_
         MemorySettings(remat="all"),
         MemorySettings(policy="mixed_bf16", remat="all", donate=True),
         MemorySettings(policy="bf16", remat=2, accum_steps=2),
+        MemorySettings(loss_chunk=64),
+        MemorySettings(policy="mixed_bf16", loss_chunk=128, accum_steps=2),
+        MemorySettings(policy="mixed_bf16", remat="all", accum_steps=4, donate=True, loss_chunk=64),
+        MemorySettings(policy="mixed_fp16", remat=2, loss_chunk=32),
     ],
 )
 def test_the_predicted_peak_matches_the_live_tensor_peak_of_a_real_step(settings):

@@ -31,13 +31,14 @@ from typing import Any, NamedTuple
 import torch
 
 from ..data.batch import rows_per_microbatch
+from ..model.chunked_loss import chunked_loss_bytes, liger_chunk
 from ..model.config import ModelConfig
 from ..model.layout import param_shapes
 from ..model.remat import remat_layers
 from ..train.precision import get_policy
 
-__all__ = ["MemorySettings", "MemoryPrediction", "predict_memory", "ablation", "ITEMS", "block_saved_bytes",
-           "saved_activation_bytes"]
+__all__ = ["MemorySettings", "MemoryPrediction", "predict_memory", "ablation", "choose_loss_chunk", "ITEMS",
+           "block_saved_bytes", "saved_activation_bytes"]
 
 ITEMS = ("params", "compute_params", "gradients", "optimizer", "accumulator", "activations", "logits",
          "update", "batch")
@@ -53,6 +54,7 @@ class MemorySettings(NamedTuple):
     zero_stage: int = 0  # 0, 1 (optimizer state sharded) or 2 (and gradients)
     world_size: int = 1  # ranks the ZeRO shards are spread over
     donate: bool = False  # make_train_step(donate=True): the optimizer updates in place
+    loss_chunk: int | None = None  # make_train_step(loss_chunk=...): tokens per chunk of the head and loss
 
 
 class MemoryPrediction(NamedTuple):
@@ -64,7 +66,7 @@ class MemoryPrediction(NamedTuple):
     optimizer: int  # AdamW's two moments at param dtype (/N under ZeRO stage >= 1)
     accumulator: int  # float32 gradient sum held while later micro-batches run (0 when k = 1)
     activations: int  # saved for backward by one micro-batch (remat: plus one block's recompute)
-    logits: int  # the cross-entropy's float32 (b, T, V) buffers at their peak (12 bytes a logit)
+    logits: int  # the cross-entropy at its peak: 12 bytes a logit whole, or the chunked loss's bytes
     update: int  # optimizer temporaries: new moments, the update and the decay term (/N, ZeRO >= 1)
     batch: int  # tokens, targets and loss mask of the whole batch
     total: int  # the predicted peak: the largest of the moments in ``peak``
@@ -72,6 +74,7 @@ class MemoryPrediction(NamedTuple):
     peak: dict  # {item: bytes} alive at that moment; sums to ``total``
     moments: dict  # {moment: bytes} predicted at every moment considered
     settings: MemorySettings  # what was predicted
+    floor: int  # params, optimizer moments and one float32 gradient: what no technique here removes
 
     def breakdown(self) -> dict:
         """``{item: bytes}`` for every item in ITEMS (sizes, not all alive at the same moment)."""
@@ -137,6 +140,11 @@ def _check(cfg, batch_size, seq_len, s: MemorySettings, device) -> None:
         raise ValueError(f"{fn}: seq_len {seq_len} is longer than block_size {cfg.block_size}; "
                          "shorten the sequence or raise block_size.")
     rows_per_microbatch(batch_size, s.accum_steps, caller=fn)
+    if s.loss_chunk is not None:
+        if isinstance(s.loss_chunk, bool) or not isinstance(s.loss_chunk, int) or s.loss_chunk < 1:
+            raise ValueError(f"{fn}: loss_chunk must be None or an integer >= 1, got {s.loss_chunk!r}.")
+        if not s.tied:
+            raise ValueError(f"{fn}: loss_chunk chunks the tied head; the untied variant has no chunked loss.")
     if s.zero_stage not in (0, 1, 2):
         raise ValueError(f"{fn}: zero_stage must be 0, 1 or 2, got {s.zero_stage!r}.")
     if device not in ("cpu", "cuda"):
@@ -153,7 +161,7 @@ def predict_memory(cfg: ModelConfig, *, batch_size: int, seq_len: int, device: s
         seq_len: tokens per row (T <= block_size).
         device: "cpu" or "cuda" (CUDA's layer norm keeps its statistics in float32).
         **settings: the fields of :class:`MemorySettings` (policy, accum_steps, remat, tied,
-            zero_stage, world_size, donate).
+            zero_stage, world_size, donate, loss_chunk).
 
     Returns:
         A :class:`MemoryPrediction`.
@@ -185,8 +193,9 @@ def predict_memory(cfg: ModelConfig, *, batch_size: int, seq_len: int, device: s
     shard = lambda n: -(-n // s.world_size)  # noqa: E731  ceil: ZeRO pads the flat vector to N slices
 
     params = n_params * pb
-    compute = n_params * cb if pol.compute_dtype != pol.param_dtype else 0
-    cc_blk = n_blk * cb if compute else 0
+    cast = pol.compute_dtype != pol.param_dtype
+    compute = n_params * cb if cast else 0
+    cc_blk = n_blk * cb if cast else 0
     grads = (shard(n_params) if s.zero_stage == 2 else n_params) * gb
     optimizer = 2 * (shard(n_params) if s.zero_stage >= 1 else n_params) * pb
     accumulator = n_params * 4 if s.accum_steps > 1 else 0
@@ -207,31 +216,72 @@ def predict_memory(cfg: ModelConfig, *, batch_size: int, seq_len: int, device: s
         True: [(sv.full + (2 * N * H + 2 * N * C) * cb, n_mlp_out), (sv.full + 7 * N * C * cb, n_blk - n_ln)],
         False: [(sv.full + (N * H + N * C) * cb, n_mlp_out), (attn_saved + 6 * N * C * cb, n_blk - n_ln)],
     }
-    logits = 3 * sv.log_softmax  # saved log-softmax, NLL gradient, log-softmax gradient
-    forward = sum(sv.kept) + sv.head + sv.loss
+    if s.loss_chunk is None:
+        logits = 3 * sv.log_softmax  # saved log-softmax, NLL gradient, log-softmax gradient
+        forward = sum(sv.kept) + sv.head + sv.loss
+    else:  # gradients made chunk by chunk in the forward: no log-softmax saved, no (N, V) buffer
+        logits = chunked_loss_bytes(N, s.loss_chunk, V, C, compute_bytes=cb)["peak"]
+        forward = sum(sv.kept) + sv.head + seq_len * 8
     recompute = max((a - N * C * cb for i in chosen for a, _ in points[True]), default=0)
 
     static = {"params": params, "optimizer": optimizer, "batch": batch}
+    if s.tied:
+        # The model's own loss casts each block's params just in time: a block's copy is saved by
+        # its linears until its backward, unless the block is rematerialised (then the copy exists
+        # only inside its forward and its recompute). The copies of wte and ln_f serve the head.
+        kept_copies = [0 if i in chosen else cc_blk for i in range(L)]
+        at_loss = n_head * cb * cast + sum(kept_copies)
+    else:
+        # The untied variant is a custom loss: the policy casts the whole tree before it runs.
+        kept_copies = [cc_blk] * L
+        at_loss = compute - (math.prod(shapes["wpe"]) * cb if cast else 0)
     # The wpe copy is only read by an embedding, which saves indices, so it is gone by the loss.
-    moments = {"loss": {**static, "compute_params": compute - (math.prod(shapes["wpe"]) * cb if compute else 0),
-                        "accumulator": accumulator, "activations": forward, "logits": logits}}
+    moments = {"loss": {**static, "compute_params": at_loss, "accumulator": accumulator, "activations": forward,
+                        "logits": logits}}
+    n_wte = math.prod(shapes["wte"])
+
+    def done_grads(j: int, own: int) -> int:
+        """Gradient bytes at block j's backward: the head's and the blocks' above, and its own so far."""
+        if s.tied:
+            # Just-in-time casts are recorded after the embedding, so autograd runs each one as soon
+            # as its block (or ln_f) is done: those gradients are already back in the param dtype.
+            # wte's cast was recorded first (its copy serves embedding and head): it runs last.
+            return n_wte * cb + (n_head - n_wte + (L - 1 - j) * n_blk) * pb + own * cb
+        return (n_head + (L - 1 - j) * n_blk + own) * cb
+
     # Block j's backward: blocks below still hold their saved tensors; the head and the blocks
     # above are done, so their compute copies are gone and their gradients exist, in the compute
     # dtype: the casts back to the param dtype were recorded first, so autograd runs them last.
     for j in range(L - 1, -1, -1):
         for a, own in points[j in chosen]:
-            moment = {**static, "compute_params": cc_blk * (j + 1), "accumulator": accumulator,
+            moment = {**static, "compute_params": sum(kept_copies[:j]) + cc_blk, "accumulator": accumulator,
                       "activations": sum(sv.kept[:j]) + a + seq_len * 8,
-                      "gradients": (n_head + (L - 1 - j) * n_blk + own) * cb}
+                      "gradients": done_grads(j, own)}
             if sum(moment.values()) > sum(moments.get(f"block {j}", {}).values()):
                 moments[f"block {j}"] = moment
     # A half-precision param dtype adds the gradients cast back from the float32 fold.
     moments["update"] = {**static, "gradients": grads + (n_params * pb if pb < 4 else 0), "update": update}
     phase = max(moments, key=lambda k: sum(moments[k].values()))
     peak = {k: v for k, v in moments[phase].items() if v}
+    floor = params + optimizer + (shard(n_params) if s.zero_stage == 2 else n_params) * 4
     return MemoryPrediction(params, compute, grads, optimizer, accumulator, forward + recompute, logits, update,
                             batch, sum(peak.values()), phase, peak,
-                            {k: sum(v.values()) for k, v in moments.items()}, s)
+                            {k: sum(v.values()) for k, v in moments.items()}, s, floor)
+
+
+def choose_loss_chunk(cfg: ModelConfig, micro_batch_tokens: int) -> int:
+    """The chunk the ledger picks for the chunked loss: Liger Kernel's, whose logits are about as big as x.
+
+    A chunk of c tokens holds c x V logits while x holds N x C values, so with
+    ``c ~ N / ceil(V / C)`` the loss's working set is about that of one activation: it never
+    decides the peak, and chunks stay large enough for efficient matmuls (32 tokens at GPT-2's
+    shape, 2 x 1024 tokens).
+
+    Example:
+        >>> choose_loss_chunk(ModelConfig(vocab_size=50257, n_embd=768, n_head=12), 2048)
+        32
+    """
+    return liger_chunk(micro_batch_tokens, cfg.vocab_size, cfg.n_embd)
 
 
 def ablation(cfg: ModelConfig, batch_size: int, seq_len: int, *, policy: str = "mixed_bf16",

@@ -145,7 +145,7 @@ def _build(cfg: ModelConfig, s: MemorySettings, device: str):
     state = init_train_state(params, opt, loss_scale=scale, policy=pol)
     loss = None if s.tied else untied_loss_fn(cfg, remat=s.remat)
     step = make_train_step(cfg, opt, policy=pol, accum_steps=s.accum_steps, remat=s.remat, loss_fn=loss,
-                           donate=s.donate)
+                           donate=s.donate, loss_chunk=s.loss_chunk)
     return state, step
 
 
