@@ -201,8 +201,10 @@ def predict_memory(cfg: ModelConfig, *, batch_size: int, seq_len: int, device: s
     accumulator = n_params * 4 if s.accum_steps > 1 else 0
     n_upd = shard(n_params) if s.zero_stage >= 1 else n_params
     # Out of place: new mu and nu, the update, and the fused kernel's working copy of the params
-    # (measured: examples/memory_ablation.py matches to 0.1%); donated: one temporary.
-    update = n_upd * pb * (1 if s.donate else 4)
+    # (measured: examples/memory_ablation.py matches to 0.1%); donated: the kernel steps one leaf
+    # at a time and writes the update over the gradient, so one leaf's buffer.
+    largest = max(math.prod(v) for v in shapes.values())
+    update = min(largest, n_upd) * pb if s.donate else n_upd * pb * 4
     batch = batch_size * seq_len * (8 + 8 + 4)
 
     b = batch_size // s.accum_steps

@@ -9,7 +9,8 @@
   decays (the update is then ``buffer - params``, exact whenever the new and old values are
   within a factor of two of each other, so ``params + update`` is the kernel's result bit for
   bit), zeros where it does not (the buffer then is the update). Pure, this allocates the new
-  moments and the buffer; donated, only the buffer, which becomes the update.
+  moments and the buffer; donated, one leaf's buffer at a time, the update written over the
+  (donated) gradient: the working memory is the largest leaf.
 - **foreach** (elsewhere, and under ``torch.compile``): ``torch._foreach_*`` ops in the order of
   torch's multi-tensor AdamW with ``capturable=True`` (the step size folded into the denominator,
   so every scalar can stay a device tensor).
@@ -39,7 +40,8 @@ def adamw_update(g: list, mu: list, nu: list, p: list | None, decayed: set, coun
     """One AdamW update of flat leaf lists: ``(updates, mu, nu)``, each a list like ``g``.
 
     Args:
-        g: the gradient leaves (read only; the updates come back in new buffers).
+        g: the gradient leaves: read only, the updates coming back in new buffers; with
+            ``donate`` (the caller gives them up) the fused route writes the updates over them.
         mu: first moments, like ``g``; with ``donate``, updated in place.
         nu: second moments, like ``g``; with ``donate``, updated in place.
         p: the param leaves (read only), or None when no leaf decays.
@@ -77,19 +79,33 @@ def adamw_update(g: list, mu: list, nu: list, p: list | None, decayed: set, coun
 
 
 def _fused(g, mu, nu, p, count, lr, *, b1, b2, eps, weight_decay, donate):
-    """One kernel pass per leaf; ``p`` is None for leaves that do not decay."""
-    if not donate:
-        mu, nu = [x.clone() for x in mu], [x.clone() for x in nu]
-    fmt = torch.contiguous_format
-    buf = ([x.clone(memory_format=fmt) for x in p] if p is not None
-           else [torch.zeros_like(x, memory_format=fmt) for x in g])
+    """The fused kernel on a working buffer; ``p`` is None for leaves that do not decay.
+
+    Pure: one multi-tensor pass over buffers the size of all the leaves. Donated: leaf by leaf,
+    each leaf's buffer freed once its update is written over its gradient (the step's own, given
+    up with ``donate``), so the working memory is the largest leaf, not a second copy of the model.
+    """
     if isinstance(lr, torch.Tensor) and lr.device.type != "cpu":
         lr = lr.to(device=g[0].device, dtype=torch.float32)  # the CUDA kernel reads a float32 lr
     # The kernel reads the step (after this update) from a float32 tensor per leaf, as torch keeps it.
     step = count.to(torch.float32)
-    torch._fused_adamw_(buf, g, mu, nu, [], [step] * len(g), lr=lr, beta1=b1, beta2=b2,
-                        weight_decay=weight_decay if p is not None else 0.0, eps=eps, amsgrad=False,
-                        maximize=False)
+    hp = dict(lr=lr, beta1=b1, beta2=b2, weight_decay=weight_decay if p is not None else 0.0, eps=eps,
+              amsgrad=False, maximize=False)
+    fmt = torch.contiguous_format
+    if donate:
+        for i in range(len(g)):
+            buf = p[i].clone(memory_format=fmt) if p is not None else torch.zeros_like(g[i], memory_format=fmt)
+            torch._fused_adamw_([buf], [g[i]], [mu[i]], [nu[i]], [], [step], **hp)
+            if p is not None:  # the buffer held the params: the update is what the kernel added
+                torch.sub(buf, p[i], out=g[i])
+            else:
+                g[i].copy_(buf)
+            del buf
+        return g, mu, nu
+    mu, nu = [x.clone() for x in mu], [x.clone() for x in nu]
+    buf = ([x.clone(memory_format=fmt) for x in p] if p is not None
+           else [torch.zeros_like(x, memory_format=fmt) for x in g])
+    torch._fused_adamw_(buf, g, mu, nu, [], [step] * len(g), **hp)
     if p is not None:  # the buffer held the params: the update is what the kernel added
         torch._foreach_sub_(buf, p)
     return buf, mu, nu
