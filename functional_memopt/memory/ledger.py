@@ -246,9 +246,12 @@ def predict_memory(cfg: ModelConfig, *, batch_size: int, seq_len: int, device: s
         """Gradient bytes at block j's backward: the head's and the blocks' above, and its own so far."""
         if s.tied:
             # Just-in-time casts are recorded after the embedding, so autograd runs each one as soon
-            # as its block (or ln_f) is done: those gradients are already back in the param dtype.
-            # wte's cast was recorded first (its copy serves embedding and head): it runs last.
-            return n_wte * cb + (n_head - n_wte + (L - 1 - j) * n_blk) * pb + own * cb
+            # as its block (or ln_f) is done: those gradients are already back in the param dtype,
+            # and autograd adds them into the accumulator at once (the in-place fold), which from
+            # the second micro-batch on already holds every leaf. wte's cast was recorded first
+            # (its copy serves embedding and head): its gradient waits, in the compute dtype.
+            above = 0 if s.accum_steps > 1 else (n_head - n_wte + (L - 1 - j) * n_blk) * pb
+            return n_wte * cb + above + own * cb
         return (n_head + (L - 1 - j) * n_blk + own) * cb
 
     # Block j's backward: blocks below still hold their saved tensors; the head and the blocks

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 import optree
 import torch
 
-__all__ = ["Accumulated", "accumulate_gradients", "accumulator_dtype"]
+__all__ = ["Accumulated", "accumulate_gradients", "accumulate_in_place", "accumulator_dtype"]
 
 
 class Accumulated(NamedTuple):
@@ -76,3 +76,45 @@ def accumulate_gradients(
     if acc_leaves is None:
         raise ValueError("accumulate_gradients: got no micro-batches; pass at least one.")
     return Accumulated(optree.tree_unflatten(spec, acc_leaves), loss_sum, count)
+
+
+def accumulate_in_place(fn: Callable[[Any, Any], tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]],
+                        params: Any, microbatches: Iterable[Any]) -> Accumulated:
+    """The fold of the autograd engine: autograd adds each micro-batch's gradients into one buffer per leaf.
+
+    ``fn(params, microbatch) -> (value, (loss_sum, count))`` is differentiated with
+    ``torch.autograd.backward`` on detached aliases of the leaves (the caller's tensors are never
+    touched), so each leaf's gradient is added into its buffer (autograd's AccumulateGrad) as soon
+    as the backward has made it: a micro-batch's gradient tree never exists beside the sum. The
+    first micro-batch's gradients become the buffers, later ones are added in place, in the same
+    order and dtype as :func:`accumulate_gradients`, so the sums are bit-identical. Needs float32
+    or float64 floating leaves (half-precision leaves want a float32 sum: use the general fold).
+
+    Returns:
+        Accumulated(grads, loss_sum, count): gradient *sums*; leaves no micro-batch reached are zeros.
+    """
+    leaves, spec = optree.tree_flatten(params)
+    live = [x.detach().requires_grad_(x.is_floating_point()) for x in leaves]
+    bad = sorted({str(x.dtype) for x in live if x.requires_grad and accumulator_dtype(x.dtype) != x.dtype})
+    if bad:
+        raise ValueError(f"accumulate_in_place: leaves of dtype {bad} need a wider sum; use accumulate_gradients.")
+    tree = optree.tree_unflatten(spec, live)
+    wrt = [x for x in live if x.requires_grad]
+    loss_sum = count = None
+    for mb in microbatches:
+        with torch.enable_grad():
+            value, (mb_loss, mb_count) = fn(tree, mb)
+            torch.autograd.backward(value, inputs=wrt)
+        del value
+        if loss_sum is None:
+            loss_sum = mb_loss.detach().to(accumulator_dtype(mb_loss.dtype))
+            count = mb_count.detach().to(accumulator_dtype(mb_count.dtype))
+        else:
+            loss_sum = loss_sum + mb_loss.detach()
+            count = count + mb_count.detach()
+    if loss_sum is None:
+        raise ValueError("accumulate_in_place: got no micro-batches; pass at least one.")
+    grads = [x.grad if x.requires_grad and x.grad is not None else torch.zeros_like(x) for x in live]
+    for x in wrt:
+        x.grad = None  # the sums now belong to the returned tree alone
+    return Accumulated(optree.tree_unflatten(spec, grads), loss_sum, count)

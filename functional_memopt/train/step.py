@@ -30,7 +30,7 @@ from ..model.gpt import loss_fn as model_loss_fn
 from ..model.remat import RematSpec
 from ..optim.base import GradientTransformation
 from ..optim.clip import clip_leaves
-from .accumulate import accumulate_gradients
+from .accumulate import accumulate_gradients, accumulate_in_place, accumulator_dtype
 from .grad import DEFAULT_ENGINE, value_and_grad
 from .loss_scale import LossScale, NoOpLossScale
 from .parallelism import Parallelism, single_process
@@ -188,6 +188,15 @@ def make_train_step(
 
     grad_fn = value_and_grad(scaled_loss, has_aux=True, engine=engine)
 
+    def fold(params, micro, factor):
+        # The autograd engine adds each micro-batch's gradients into the sums as they are made
+        # (no gradient tree beside the accumulator); half-precision masters keep the general fold,
+        # whose float32 accumulator they need.
+        wide = all(accumulator_dtype(x.dtype) == x.dtype for x in optree.tree_leaves(params) if x.is_floating_point())
+        if engine == "autograd" and wide:
+            return accumulate_in_place(lambda p, mb: scaled_loss(p, mb, factor), params, micro)
+        return accumulate_gradients(lambda p, mb: grad_fn(p, mb, factor), params, micro)
+
     def step(state: TrainState, batch) -> tuple[TrainState, dict]:
         ls = state.loss_scale
         scale = None if isinstance(ls, NoOpLossScale) else ls.loss_scale
@@ -197,7 +206,7 @@ def make_train_step(
         factor = (1.0 / total) if scale is None else scale.to(torch.float64) / total
         micro = split_microbatches(batch, accum_steps) if accum_steps > 1 else [batch]
         # Reduced before unscaling, as the single-process fold sums scaled gradients too.
-        acc = par.reduce(accumulate_gradients(lambda p, mb: grad_fn(p, mb, factor), state.params, micro))
+        acc = par.reduce(fold(state.params, micro, factor))
         # The accumulator is the step's own, so it is unscaled in place; 1 / S is exact for a
         # power-of-two S, so this undoes the scaling bit for bit.
         grads = ls.unscale(acc.grads, donate=True)
