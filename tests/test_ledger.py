@@ -12,6 +12,7 @@ from functional_memopt.memory.ledger import (
     ITEMS,
     MemorySettings,
     ablation,
+    choose_loss_chunk,
     block_saved_bytes,
     predict_memory,
     saved_activation_bytes,
@@ -128,11 +129,17 @@ def test_the_total_is_the_largest_moment_and_its_items_add_up():
 def test_ablation_starts_at_the_untied_fp32_baseline_and_ends_with_every_technique():
     rows = ablation(fm.get_config("tiny"), 8, 128, accum_steps=4, remat="all", zero_stage=2, world_size=4)
     names = [name for name, _ in rows]
-    assert names == ["baseline", "mixed_bf16", "accum 4", "remat all", "tied", "zero2 x4", "all"]
+    chunk = choose_loss_chunk(fm.get_config("tiny"), 8 // 4 * 128)
+    assert names == ["baseline", "mixed_bf16", "accum 4", "remat all", "tied", f"chunked loss {chunk}", "donated",
+                     "zero2 x4", "all"]
     assert rows[0][1].settings == MemorySettings(policy="fp32", tied=False)
-    assert rows[-1][1].settings == MemorySettings("mixed_bf16", 4, "all", True, 2, 4)
+    assert rows[-1][1].settings == MemorySettings("mixed_bf16", 4, "all", True, 2, 4, True, chunk)
     assert all(pred.total <= rows[0][1].total for _, pred in rows)
     assert rows[-1][1].total < min(pred.total for _, pred in rows[1:-1])
+    # Every prediction knows its floor: params, moments and one float32 gradient (ZeRO shards them).
+    p = rows[-1][1]
+    assert p.floor == p.params + p.optimizer + -(-sum(math.prod(s) for s in fm.param_shapes(
+        fm.get_config("tiny")).values()) // 4) * 4
 
 
 @pytest.mark.parametrize(

@@ -150,7 +150,8 @@ def _set_up(args: TrainArgs, cfg: ModelConfig, resolved: Resolved, run_dir: str,
                   "model": cfg.to_dict(), "train": dataclasses.asdict(args), "resolved": resolved._asdict()}
         on_main(lambda: files.start(config, force=force), what="preparing the run directory")
     step_fn = make_train_step(cfg, opt, policy=policy, accum_steps=resolved.accum_steps, remat=args.remat,
-                              max_grad_norm=args.max_grad_norm or None, donate=True, parallel=parallel)
+                              max_grad_norm=args.max_grad_norm or None, loss_chunk=resolved.loss_chunk, donate=True,
+                              parallel=parallel)
     if args.gc_every > 0:
         step_fn = with_memory_hygiene(step_fn, gc_every=args.gc_every, empty_cache=device.type == "cuda",
                                       stats=False)

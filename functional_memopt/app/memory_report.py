@@ -39,6 +39,8 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     add("--policy", default="mixed_bf16", help="precision of the precision row (default mixed_bf16)")
     add("--accum-steps", type=int, default=4, help="micro-batches of the accumulation row (default 4)")
     add("--remat", default="all", help="blocks of the remat row: all, none, every n-th (int), or i,j,k")
+    add("--loss-chunk", default="auto", help="tokens per chunk of the chunked-loss row: auto (the ledger's "
+        "choice), none, or N")
     add("--zero-stage", type=int, default=0, choices=(0, 1, 2), help="ZeRO stage of a sharding row (default 0)")
     add("--world-size", type=int, default=1, help="ranks for the ZeRO row (default 1)")
     add("--device", default="auto", help="auto, cpu or cuda (default auto)")
@@ -58,6 +60,15 @@ def _remat_spec(text: str, n_layer: int) -> Any:
     except ValueError as err:
         raise ValueError(f"memory: --remat must be all, none, an int n or indices i,j,k ({err}).") from None
     return None if text.strip().lower() == "none" else text.strip().lower()
+
+
+def _loss_chunk(text: str) -> int | str | None:
+    text = text.strip().lower()
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise ValueError(f"memory: --loss-chunk must be auto, none or an integer >= 1, got {text!r}.")
 
 
 def _free_bytes(device: str) -> int:
@@ -126,7 +137,7 @@ def format_table(rows: list[dict]) -> str:
     items = [k for k in ITEMS if any(r["prediction"].peak.get(k) for r in rows)]
     rss = any(r["measurement"] and r["measurement"].method != "rss" and r["measurement"].rss_bytes for r in rows)
     head = ["technique", *(_SHORT[k] for k in items), "pred MiB", "peak at", "meas MiB", "meas/pred",
-            "pred/base", "meas/base"] + (["rss MiB"] if rss else [])
+            "pred/base", "meas/base", "pred/floor"] + (["rss MiB"] if rss else [])
     base_p = rows[0]["prediction"].total
     base_m = rows[0]["measurement"].peak_bytes if rows[0]["measurement"] else None
     body = []
@@ -136,11 +147,14 @@ def format_table(rows: list[dict]) -> str:
         got = m.peak_bytes if m else None
         body.append([r["name"], *(_mib(p.peak.get(k)) for k in items), _mib(p.total), p.phase, _mib(got),
                      f"{got / p.total:.3f}" if got else "-", f"{p.total / base_p:.2f}",
-                     f"{got / base_m:.2f}" if got and base_m else "-"] + ([_mib(m and m.rss_bytes)] if rss else []))
+                     f"{got / base_m:.2f}" if got and base_m else "-", f"{p.total / p.floor:.2f}"]
+                    + ([_mib(m and m.rss_bytes)] if rss else []))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))
     out = [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
+    out.append(f"  floor (params + optimizer moments + one float32 gradient) of the last row: "
+               f"{_mib(rows[-1]['prediction'].floor)} MiB")
     notes: dict[str, list] = {}
     for r in rows:
         if r["note"]:
@@ -183,6 +197,9 @@ def plot_ablation(rows: list[dict], path: str, *, title: str) -> None:
     for x, r in zip(xs, rows):  # the predicted total above everything drawn in its column
         ax.annotate(f"{r['prediction'].total / MiB:.0f}", (x, tops[x]), ha="center", va="bottom", fontsize=8,
                     xytext=(0, 5), textcoords="offset points")
+    floor = rows[-1]["prediction"].floor / MiB  # the bytes no technique here removes
+    ax.axhline(floor, color="black", linestyle="--", linewidth=1,
+               label=f"floor: params + moments + one fp32 gradient ({floor:.0f} MiB)")
     ax.set_xticks(list(xs), names, rotation=15)
     ax.set_ylabel("MiB (bars: predicted bytes alive at the peak)")
     ax.set_xlabel("technique (each alone, then all together); number: predicted peak in MiB")
@@ -200,6 +217,7 @@ def _to_json(rows: list[dict], meta: dict) -> dict:
         p, m = r["prediction"], r["measurement"]
         out.append({"name": r["name"], "settings": p.settings._asdict(), "predicted_total": p.total,
                     "peak_phase": p.phase, "peak": p.peak, "items": p.breakdown(), "moments": p.moments,
+                    "floor": p.floor,
                     "measured": m._asdict() if m else None, "note": r["note"]})
     return {**meta, "rows": out}
 
@@ -221,7 +239,8 @@ def memory_command(args: argparse.Namespace) -> int:
         raise ValueError("memory: --method rss measures the CPU; on CUDA leave --method auto.")
     rows = ablation_report(cfg, args.batch_size, seq_len, measure=args.measure, method=args.method,
                            steps=args.steps, device=device, policy=args.policy, accum_steps=args.accum_steps,
-                           remat=_remat_spec(args.remat, cfg.n_layer), zero_stage=args.zero_stage, world_size=args.world_size)
+                           remat=_remat_spec(args.remat, cfg.n_layer), loss_chunk=_loss_chunk(args.loss_chunk),
+                           zero_stage=args.zero_stage, world_size=args.world_size)
     title = (f"{args.preset}: {cfg.n_layer} layers, width {cfg.n_embd}, vocab {cfg.vocab_size}; "
              f"batch {args.batch_size} x {seq_len} tokens on {device}")
     print(f"memory ledger, {title}")

@@ -20,6 +20,7 @@ import torch
 from ..data.batch import rows_per_microbatch
 from ..io.files import atomic_write_json
 from ..io.params import save_params
+from ..memory.ledger import choose_loss_chunk
 from ..memory.rss import rss_peak
 from ..model.config import ModelConfig, get_config
 from ..model.remat import remat_layers
@@ -55,6 +56,7 @@ class TrainArgs:
     accum_steps: int | None = None  # micro-batches per step and rank (None: the first of 4, 2, 1 that divides)
     seq_len: int | None = None  # tokens per row (None: block_size)
     remat: str = "none"  # "none", "all" or N (every N-th block)
+    loss_chunk: str = "auto"  # tokens per chunk of the head and loss: "auto" (the ledger's choice), "none" or N
     lr: float = 2e-3  # peak learning rate
     min_lr: float | None = None  # final learning rate of the cosine schedule (None: lr / 10)
     warmup_steps: int | None = None  # linear warmup steps (None: steps // 8, at most 100)
@@ -86,6 +88,7 @@ class Resolved(NamedTuple):
     warmup_steps: int
     eval_interval: int
     threads: int
+    loss_chunk: int | None = None  # None: the whole logits (and runs recorded before the chunked loss)
 
 
 def cpu_has_bf16() -> bool:
@@ -157,6 +160,16 @@ def resolve_args(args: TrainArgs, device: torch.device, world_size: int = 1):
     except ValueError:
         raise ValueError(f"train: --remat must be none, all, an integer N >= 1 (every N-th block) or block indices "
                          f"such as 0,2; got {args.remat!r}.") from None
+    micro_tokens = rows // accum * seq_len
+    if args.loss_chunk == "auto":
+        loss_chunk = choose_loss_chunk(cfg, micro_tokens)
+    elif args.loss_chunk == "none":
+        loss_chunk = None
+    elif args.loss_chunk.isdigit() and int(args.loss_chunk) >= 1:
+        loss_chunk = int(args.loss_chunk)
+    else:
+        raise ValueError(f"train: --loss-chunk must be auto, none or an integer >= 1 (tokens per chunk), got "
+                         f"{args.loss_chunk!r}.")
     warmup = min(100, args.steps // 8) if args.warmup_steps is None else args.warmup_steps
     if warmup < 0 or warmup > args.steps:
         raise ValueError(f"train: --warmup-steps must be between 0 and --steps ({args.steps}), got {warmup}.")
@@ -165,7 +178,7 @@ def resolve_args(args: TrainArgs, device: torch.device, world_size: int = 1):
     if args.max_grad_norm < 0:
         raise ValueError(f"train: --max-grad-norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}.")
     interval = args.eval_interval or max(1, args.steps // 6)
-    return cfg, Resolved(policy, loss_scale, accum, seq_len, warmup, interval, resolve_threads(args.threads))
+    return cfg, Resolved(policy, loss_scale, accum, seq_len, warmup, interval, resolve_threads(args.threads), loss_chunk)
 
 
 def read_run_config(run_dir: str) -> dict:

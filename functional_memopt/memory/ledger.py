@@ -290,22 +290,28 @@ def choose_loss_chunk(cfg: ModelConfig, micro_batch_tokens: int) -> int:
 
 
 def ablation(cfg: ModelConfig, batch_size: int, seq_len: int, *, policy: str = "mixed_bf16",
-             accum_steps: int = 4, remat: Any = "all", zero_stage: int = 0, world_size: int = 1,
-             device: str = "cpu") -> list[tuple[str, MemoryPrediction]]:
+             accum_steps: int = 4, remat: Any = "all", loss_chunk: int | str | None = "auto", donate: bool = True,
+             zero_stage: int = 0, world_size: int = 1, device: str = "cpu") -> list[tuple[str, MemoryPrediction]]:
     """Predictions for the baseline, each technique added alone, and all together.
 
-    The baseline is fp32, one micro-batch, no remat, an untied head (the library always ties; the
-    ledger and the measurement model the untied head as a separate ``lm_head`` leaf).
+    The baseline is fp32, one micro-batch, no remat, an untied head, out-of-place updates (the
+    library always ties; the ledger and the measurement model the untied head as a separate
+    ``lm_head`` leaf). The chunked loss chunks the tied head, so its row is tied too. "all" is
+    what ``memopt train`` runs with the same flags (donated updates, the chunked loss).
 
     Args:
         cfg, batch_size, seq_len, device: as for :func:`predict_memory`.
         policy: the mixed policy of the precision row.
         accum_steps: k of the accumulation row (1 leaves the row out).
         remat: remat spec of the remat row (None leaves the row out).
+        loss_chunk: tokens per chunk of the chunked-loss row, "auto" for :func:`choose_loss_chunk`
+            (None leaves the row out).
+        donate: a row of in-place (donated) optimizer updates.
         zero_stage, world_size: a ZeRO row when both are past their defaults.
 
     Returns:
-        ``[(name, prediction), ...]``, the baseline first and "all" last.
+        ``[(name, prediction), ...]``, the baseline first and "all" last; each prediction's
+        ``floor`` is the bytes of params, moments and one float32 gradient.
 
     Example:
         >>> rows = ablation(ModelConfig(), 8, 128)
@@ -316,6 +322,8 @@ def ablation(cfg: ModelConfig, batch_size: int, seq_len: int, *, policy: str = "
                              ("zero_stage", zero_stage, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"ablation: {name} must be an integer >= {low}, got {value!r}.")
+    if loss_chunk == "auto":
+        loss_chunk = choose_loss_chunk(cfg, batch_size // accum_steps * seq_len)
     base = MemorySettings(policy="fp32", tied=False)
     alone = [(f"{policy}", {"policy": policy})]
     if accum_steps > 1:
@@ -323,6 +331,10 @@ def ablation(cfg: ModelConfig, batch_size: int, seq_len: int, *, policy: str = "
     if remat not in (None, "none", False):
         alone.append((f"remat {remat}", {"remat": remat}))
     alone.append(("tied", {"tied": True}))
+    if loss_chunk is not None:
+        alone.append((f"chunked loss {loss_chunk}", {"tied": True, "loss_chunk": loss_chunk}))
+    if donate:
+        alone.append(("donated", {"donate": True}))
     if zero_stage > 0 and world_size > 1:
         alone.append((f"zero{zero_stage} x{world_size}", {"zero_stage": zero_stage, "world_size": world_size}))
     rows = [("baseline", base)] + [(name, base._replace(**change)) for name, change in alone]
