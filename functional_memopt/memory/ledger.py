@@ -40,6 +40,7 @@ from ..train.precision import get_policy
 __all__ = ["MemorySettings", "MemoryPrediction", "predict_memory", "ablation", "choose_loss_chunk", "ITEMS",
            "block_saved_bytes", "saved_activation_bytes"]
 
+MIN_LOSS_CHUNK = 32  # tokens: below this a chunk's matmul is too thin to run efficiently
 ITEMS = ("params", "compute_params", "gradients", "optimizer", "accumulator", "activations", "logits",
          "update", "batch")
 
@@ -279,14 +280,14 @@ def choose_loss_chunk(cfg: ModelConfig, micro_batch_tokens: int) -> int:
 
     A chunk of c tokens holds c x V logits while x holds N x C values, so with
     ``c ~ N / ceil(V / C)`` the loss's working set is about that of one activation: it never
-    decides the peak, and chunks stay large enough for efficient matmuls (32 tokens at GPT-2's
-    shape, 2 x 1024 tokens).
+    decides the peak (32 tokens at GPT-2's shape, 2 x 1024 tokens). Never fewer than 32 tokens
+    (or all of them), so each chunk's matmul stays efficient on a short micro-batch.
 
     Example:
         >>> choose_loss_chunk(ModelConfig(vocab_size=50257, n_embd=768, n_head=12), 2048)
         32
     """
-    return liger_chunk(micro_batch_tokens, cfg.vocab_size, cfg.n_embd)
+    return max(liger_chunk(micro_batch_tokens, cfg.vocab_size, cfg.n_embd), min(MIN_LOSS_CHUNK, micro_batch_tokens))
 
 
 def ablation(cfg: ModelConfig, batch_size: int, seq_len: int, *, policy: str = "mixed_bf16",

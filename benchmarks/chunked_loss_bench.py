@@ -1,0 +1,60 @@
+"""What the chunked loss costs in step time: the same step with and without ``loss_chunk``, interleaved.
+
+Run:
+    python benchmarks/chunked_loss_bench.py [--repeats 7] [--out benchmarks/out/chunked_loss.json]
+
+For the tiny and small presets (mixed bf16, the default run's shapes) and GPT-2's shape at a small
+batch, one process builds both steps on the same state and batch and times them alternately
+(CPU time per optimizer step, one thread, median of ``--repeats`` after a warm-up), so a busy
+machine slows both alike. The ratio chunked / plain is the cost; the chunk is the ledger's choice.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+import functional_memopt as fm
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--repeats", type=int, default=7)
+parser.add_argument("--out", default=os.path.join("benchmarks", "out", "chunked_loss.json"))
+args = parser.parse_args()
+torch.set_num_threads(1)
+
+CASES = [  # preset, rows, sequence, micro-batches, remat
+    ("tiny", 32, 128, 4, None),
+    ("small", 16, 256, 4, None),
+    ("gpt2", 2, 128, 1, "all"),
+]
+results = []
+data = fm.load_corpus()
+for preset, rows, seq, accum, remat in CASES:
+    cfg = fm.get_config(preset)
+    chunk = fm.ablation(cfg, rows, seq, accum_steps=accum)[-1][1].settings.loss_chunk
+    opt = fm.adamw(1e-4)
+    batch = fm.sample_batch(data, rows, seq, seed=0, index=0)
+    state = fm.init_train_state(fm.init_params(cfg), opt, policy="mixed_bf16")
+    steps = {name: fm.make_train_step(cfg, opt, policy="mixed_bf16", accum_steps=accum, remat=remat, loss_chunk=c)
+             for name, c in (("plain", None), ("chunked", chunk))}
+    times = {name: [] for name in steps}
+    for i in range(args.repeats + 1):
+        for name, step in steps.items():
+            t0 = time.process_time()
+            _, m = step(state, batch)
+            float(m["loss"])
+            if i:  # the first round warms both up
+                times[name].append(time.process_time() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["chunked"] / med["plain"]
+    results.append({"preset": preset, "rows": rows, "seq": seq, "accum": accum, "remat": remat, "chunk": chunk,
+                    "plain_s": med["plain"], "chunked_s": med["chunked"], "ratio": ratio})
+    print(f"{preset:>6} {rows} x {seq}, {accum} micro-batches, chunk {chunk}: plain {med['plain'] * 1e3:8.1f} ms, "
+          f"chunked {med['chunked'] * 1e3:8.1f} ms, ratio {ratio:.3f}", flush=True)
+os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+with open(args.out, "w") as f:
+    json.dump({"results": results, "repeats": args.repeats, "torch": torch.__version__}, f, indent=1)
+print(f"wrote {args.out}")
