@@ -9,14 +9,35 @@ the block to its input alone, at the cost of one more forward per block.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import optree
 import torch
 
-__all__ = ["remat", "remat_layers", "RematSpec"]
+__all__ = ["remat", "remat_layers", "RematSpec", "torch_checkpoint_when_traced"]
 
 RematSpec = Any  # None | "none" | "all" | int n or "n" (every n-th block) | indices, or "i,j,k"
+
+
+# Set (by make_train_step's compiled loss, through torch_checkpoint_when_traced) only around a
+# torch.compile'd function that torch.autograd differentiates from outside: there the block is
+# traced as torch.utils.checkpoint. Anywhere else (eager, or a compiled region under
+# torch.func.grad, which rejects the saved-tensor hooks torch.utils.checkpoint uses) the _Remat
+# function below runs. Dynamo guards on this global, so flipping it recompiles.
+_TORCH_CHECKPOINT_WHEN_TRACED = False
+
+
+@contextlib.contextmanager
+def torch_checkpoint_when_traced():
+    """Within this block, :func:`remat` traced by dynamo becomes ``torch.utils.checkpoint``."""
+    global _TORCH_CHECKPOINT_WHEN_TRACED
+    before = _TORCH_CHECKPOINT_WHEN_TRACED
+    _TORCH_CHECKPOINT_WHEN_TRACED = True
+    try:
+        yield
+    finally:
+        _TORCH_CHECKPOINT_WHEN_TRACED = before
 
 
 class _Remat(torch.autograd.Function):
@@ -62,6 +83,12 @@ def remat(fn: Callable, params: Any, x: torch.Tensor) -> torch.Tensor:
         >>> w = torch.randn(4, 4)
         >>> y = remat(lambda p, x: torch.tanh(x @ p["w"]), {"w": w}, torch.randn(2, 4))
     """
+    if _TORCH_CHECKPOINT_WHEN_TRACED and torch.compiler.is_compiling():
+        # Traced, _Remat's recompute would be merged back into the forward by AOTAutograd (CSE
+        # and the partitioner keep every activation: measured 19.8 MiB saved vs 4.2 MiB on tiny
+        # with 2 blocks). torch.utils.checkpoint is what dynamo turns into a region the
+        # partitioner must recompute, so the compiled graph saves only the block inputs.
+        return torch.utils.checkpoint.checkpoint(fn, params, x, use_reentrant=False)
     leaves, treespec = optree.tree_flatten(params)
     return _Remat.apply(fn, treespec, x, *leaves)
 

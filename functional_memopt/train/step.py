@@ -31,6 +31,7 @@ from ..model.remat import RematSpec
 from ..optim.base import GradientTransformation
 from ..optim.clip import clip_leaves
 from .accumulate import accumulate_gradients, accumulate_in_place, accumulator_dtype
+from .compile import compile_loss, compile_options
 from .grad import DEFAULT_ENGINE, value_and_grad
 from .loss_scale import LossScale, NoOpLossScale
 from .parallelism import Parallelism, single_process
@@ -120,6 +121,7 @@ def make_train_step(
     engine: str = DEFAULT_ENGINE,
     policy_mode: str = "cast",
     parallel: Parallelism | None = None,
+    compile: bool | dict = False,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
     """Compose the techniques into one pure ``step(state, batch) -> (state, metrics)``.
 
@@ -149,6 +151,12 @@ def make_train_step(
         parallel: how the step spreads over ranks (``data_parallel(...)``); None for one process.
             With it, each rank passes its own rows of the global batch (``shard_batch``) and
             ``accum_steps`` counts this rank's micro-batches.
+        compile: compile the differentiated loss (the policy-wrapped ``loss_sum * factor``) with
+            ``torch.compile``, so AOTAutograd compiles its forward and backward together, while
+            ``torch.autograd``, the fold, the skip decision and the optimizer stay eager. True uses
+            ``train.compile.COMPILE_DEFAULTS``; a dict is passed to ``torch.compile`` over them.
+            Needs ``engine="autograd"``. The loss scale and token count reach the compiled graph
+            as one tensor, so neither a changing loss scale nor the step count recompiles it.
 
     Returns:
         ``step(state, batch)``. Metrics (0-d tensors): loss (per counted token), grad_norm (of the
@@ -184,8 +192,14 @@ def make_train_step(
 
     def scaled_loss(params, batch, factor):
         loss_sum, count = policed(params, batch)
-        return loss_sum * factor.to(loss_sum.dtype), (loss_sum.detach(), count.detach())
+        return loss_sum * factor.reshape(()).to(loss_sum.dtype), (loss_sum.detach(), count.detach())
 
+    options = compile_options(compile)
+    if options is not None:
+        if engine != "autograd":
+            raise ValueError(f"make_train_step: compile= compiles the loss for engine='autograd', got engine={engine!r}; "
+                             "use engine='autograd' (autograd stays eager around the compiled loss).")
+        scaled_loss = compile_loss(scaled_loss, options)
     grad_fn = value_and_grad(scaled_loss, has_aux=True, engine=engine)
 
     def fold(params, micro, factor):
@@ -204,6 +218,9 @@ def make_train_step(
         # Each micro-batch differentiates loss_sum * S / N_total: the fold then sums to S times the
         # full-batch mean-loss gradient, whatever the micro-batches' token counts.
         factor = (1.0 / total) if scale is None else scale.to(torch.float64) / total
+        # Shape (1,), not (): dynamo takes a 0-d float64 CPU tensor input for a traced Python float
+        # (it re-traces once and guards `not isnan(factor.item())`, so a nan factor would recompile).
+        factor = factor.reshape(1)
         micro = split_microbatches(batch, accum_steps) if accum_steps > 1 else [batch]
         # Reduced before unscaling, as the single-process fold sums scaled gradients too.
         acc = par.reduce(fold(state.params, micro, factor))
