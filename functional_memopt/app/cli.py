@@ -107,6 +107,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     add("--remat", "rematerialise blocks: none, all, or N for every N-th block (default none)")
     add("--loss-chunk", "tokens per chunk of the output head and loss, so the logits are never whole: auto (the "
         "memory ledger's choice), none, or N (default auto)")
+    add("--compile", "torch.compile the differentiated loss: auto (on CUDA), on or off (default auto)",
+        choices=["auto", "on", "off"])
     add("--lr", f"peak learning rate (default {d.lr:g})", type=float)
     add("--min-lr", "final learning rate of the cosine schedule (default lr / 10)", type=float)
     add("--warmup-steps", "linear warmup steps (default steps / 8, at most 100)", type=int)

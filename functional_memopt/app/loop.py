@@ -86,6 +86,7 @@ class _Run:
     tokens: float = 0.0  # counted tokens trained on in this session
     step_s: float = 0.0  # seconds spent in steps in this session
     saved_at: int = 0  # step of the newest checkpoint
+    step_times: list = dataclasses.field(default_factory=list)  # seconds of each step in this session
 
 
 def _optimizer(args: TrainArgs, warmup: int):
@@ -151,7 +152,7 @@ def _set_up(args: TrainArgs, cfg: ModelConfig, resolved: Resolved, run_dir: str,
         on_main(lambda: files.start(config, force=force), what="preparing the run directory")
     step_fn = make_train_step(cfg, opt, policy=policy, accum_steps=resolved.accum_steps, remat=args.remat,
                               max_grad_norm=args.max_grad_norm or None, loss_chunk=resolved.loss_chunk, donate=True,
-                              parallel=parallel)
+                              parallel=parallel, compile=resolved.compile)
     if args.gc_every > 0:
         step_fn = with_memory_hygiene(step_fn, gc_every=args.gc_every, empty_cache=device.type == "cuda",
                                       stats=False)
@@ -196,7 +197,8 @@ def _loop(run: _Run, bar, stop: StopRequest, *, resume: bool, quiet: bool) -> tu
         t0 = time.perf_counter()
         run.state, m = run.step_fn(run.state, batch)
         vals = {k: float(v) for k, v in m.items()}  # one host sync, which the step made anyway
-        run.step_s += time.perf_counter() - t0
+        run.step_times.append(time.perf_counter() - t0)
+        run.step_s += run.step_times[-1]
         run.it += 1
         run.tokens += vals["tokens"]  # of all ranks: the metrics are global
         run.skipped += int(vals["skipped"])
@@ -237,6 +239,8 @@ def _summary(run: _Run, status: str, vals: dict, seconds: float) -> TrainResult:
         ranks = (f" on {run.info.world_size} ranks (ZeRO stage {run.parallel.zero_stage})"
                  if run.parallel is not None else "")
         before = f"{run.bpb0:.3f} -> " if run.bpb0 is not None else ""
+        if run.resolved.compile and len(run.step_times) > 1:  # the first step compiles
+            ranks += f", compiling {run.step_times[0] - sorted(run.step_times[1:])[len(run.step_times[1:]) // 2]:.1f} s"
         message = (f"memopt: {status} at step {run.it}/{run.args.steps} in {seconds:.1f} s{ranks}, {tps:,.0f} "
                    f"tokens/s, validation {before}{run.bpb:.3f} bits/byte, peak memory "
                    f"{format_bytes(peak, unit='MiB', digits=0)}, skipped {run.skipped}; run directory "

@@ -57,6 +57,7 @@ class TrainArgs:
     seq_len: int | None = None  # tokens per row (None: block_size)
     remat: str = "none"  # "none", "all" or N (every N-th block)
     loss_chunk: str = "auto"  # tokens per chunk of the head and loss: "auto" (the ledger's choice), "none" or N
+    compile: str = "auto"  # torch.compile the differentiated loss: "auto" (on CUDA), "on" or "off"
     lr: float = 2e-3  # peak learning rate
     min_lr: float | None = None  # final learning rate of the cosine schedule (None: lr / 10)
     warmup_steps: int | None = None  # linear warmup steps (None: steps // 8, at most 100)
@@ -89,6 +90,7 @@ class Resolved(NamedTuple):
     eval_interval: int
     threads: int
     loss_chunk: int | None = None  # None: the whole logits (and runs recorded before the chunked loss)
+    compile: bool = False  # torch.compile the differentiated loss
 
 
 def cpu_has_bf16() -> bool:
@@ -170,6 +172,11 @@ def resolve_args(args: TrainArgs, device: torch.device, world_size: int = 1):
     else:
         raise ValueError(f"train: --loss-chunk must be auto, none or an integer >= 1 (tokens per chunk), got "
                          f"{args.loss_chunk!r}.")
+    if args.compile not in ("auto", "on", "off"):
+        raise ValueError(f"train: --compile must be auto, on or off, got {args.compile!r}.")
+    # On the CPU compiling the tiny step takes about as long as it saves over a default run
+    # (benchmarks/compile_loss_bench.py), so auto compiles on CUDA only.
+    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     warmup = min(100, args.steps // 8) if args.warmup_steps is None else args.warmup_steps
     if warmup < 0 or warmup > args.steps:
         raise ValueError(f"train: --warmup-steps must be between 0 and --steps ({args.steps}), got {warmup}.")
@@ -178,7 +185,8 @@ def resolve_args(args: TrainArgs, device: torch.device, world_size: int = 1):
     if args.max_grad_norm < 0:
         raise ValueError(f"train: --max-grad-norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}.")
     interval = args.eval_interval or max(1, args.steps // 6)
-    return cfg, Resolved(policy, loss_scale, accum, seq_len, warmup, interval, resolve_threads(args.threads), loss_chunk)
+    return cfg, Resolved(policy, loss_scale, accum, seq_len, warmup, interval, resolve_threads(args.threads), loss_chunk,
+                         compiled)
 
 
 def read_run_config(run_dir: str) -> dict:

@@ -65,7 +65,7 @@ def gpt2_config_from_config(cfg: ModelConfig, *, dtype: torch.dtype | str = torc
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
         "n_inner": None if cfg.mlp_ratio == 4 else cfg.mlp_ratio * cfg.n_embd,
-        "activation_function": "gelu_new",
+        "activation_function": "gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
         "layer_norm_epsilon": cfg.layer_norm_eps,
         "initializer_range": cfg.init_std,
         "resid_pdrop": 0.0,
@@ -92,7 +92,8 @@ def config_from_gpt2_config(hf: dict, *, caller: str = "config_from_gpt2_config"
     # (field, transformers' default, accepted values, why)
     rules = [
         ("model_type", "gpt2", ("gpt2",), "only GPT-2 checkpoints are read"),
-        ("activation_function", "gelu_new", _GELU_TANH, "this model uses the tanh GELU (gelu_new)"),
+        ("activation_function", "gelu_new", _GELU_TANH + ("gelu",), "this model has the tanh GELU (gelu_new) and "
+         "the erf GELU (gelu)"),
         ("scale_attn_weights", True, (True,), "attention here is always scaled by 1/sqrt(head_dim)"),
         ("scale_attn_by_inverse_layer_idx", False, (False,), "attention here is not scaled by layer index"),
         ("reorder_and_upcast_attn", False, (False,), "set it to false (it only changes the precision of attention)"),
@@ -121,6 +122,7 @@ def config_from_gpt2_config(hf: dict, *, caller: str = "config_from_gpt2_config"
             n_head=fields["n_head"], n_embd=fields["n_embd"], bias=True,
             layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), init_std=hf.get("initializer_range", 0.02),
             mlp_ratio=mlp_ratio,
+            activation="gelu" if hf.get("activation_function", "gelu_new") == "gelu" else "gelu_tanh",
         )
     except (TypeError, ValueError) as err:
         raise ValueError(f"{caller}: the GPT-2 config gives an invalid model shape ({err}).") from None

@@ -1,6 +1,6 @@
 """A GPT-2 style model as pure functions over a nested dict of tensors.
 
-Pre-norm blocks (x + attn(ln_1(x)); x + mlp(ln_2(x))), a final layer norm, tanh GELU, and one
+Pre-norm blocks (x + attn(ln_1(x)); x + mlp(ln_2(x))), a final layer norm, GELU (tanh by default), and one
 tied leaf ``wte`` that is both the token embedding and the output head. Linear weights are stored
 (out, in) as ``F.linear`` wants them. Nothing here mutates ``params``.
 """
@@ -56,8 +56,9 @@ def _layer_norm(x: torch.Tensor, p: dict, eps: float) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), p["weight"], p.get("bias"), eps)
 
 
-def _mlp(x: torch.Tensor, p: dict) -> torch.Tensor:
-    h = F.gelu(F.linear(x, p["c_fc"]["weight"], p["c_fc"].get("bias")), approximate="tanh")
+def _mlp(x: torch.Tensor, p: dict, activation: str) -> torch.Tensor:
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    h = F.gelu(F.linear(x, p["c_fc"]["weight"], p["c_fc"].get("bias")), approximate=approximate)
     return F.linear(h, p["c_proj"]["weight"], p["c_proj"].get("bias"))
 
 
@@ -66,7 +67,7 @@ def block_apply(block: dict, x: torch.Tensor, *, cfg: ModelConfig, mask: torch.T
     eps = cfg.layer_norm_eps
     a = block["attn"]
     x = x + causal_attention(_layer_norm(x, block["ln_1"], eps), a["c_attn"], a["c_proj"], cfg.n_head, mask=mask)
-    return x + _mlp(_layer_norm(x, block["ln_2"], eps), block["mlp"])
+    return x + _mlp(_layer_norm(x, block["ln_2"], eps), block["mlp"], cfg.activation)
 
 
 def _block_fn(block, x, *, cfg, mask, compute_dtype):
