@@ -1,8 +1,10 @@
 """The imperative reference: an nn.Module GPT and the standard PyTorch training recipe.
 
 This is what the functional step is measured and tested against: a nanoGPT-style module holding
-the same weights, trained with ``torch.autocast``, ``torch.amp.GradScaler``, loss / accum_steps,
-``unscale_``, ``clip_grad_norm_`` and ``torch.optim.AdamW(foreach=True)``.
+the same weights, trained with ``torch.autocast``, ``torch.amp.GradScaler``, the summed token loss
+over the step's token count, ``unscale_``, ``clip_grad_norm_`` and ``torch.optim.AdamW(foreach=True)``
+(or ``torch.optim.SGD``). It shares no code with the functional step: only the parameter layout, to
+copy weights in and out.
 """
 
 from __future__ import annotations
@@ -91,13 +93,19 @@ class ReferenceGPT(nn.Module):
 
     def params(self) -> dict:
         """The module's weights as a functional params tree (detached copies)."""
+        return self.tree(dict(self.named_parameters()))
 
+    def tree(self, named: dict) -> dict:
+        """A params-shaped tree from a ``{parameter name: tensor}`` dict (detached copies).
+
+        E.g. the optimizer's moments: ``model.tree({n: opt.state[p]["exp_avg"] for n, p in
+        model.named_parameters()})``.
+        """
         tree = init_params(self.cfg, device="meta")
-        sd = self.state_dict()
         out = {}
         for path in tree_flatten_with_paths(tree):
             key = path + ".weight" if path in ("wte", "wpe") else path
-            out[path] = sd[key].detach().clone()
+            out[path] = named[key].detach().clone()
         return tree_unflatten_from_paths(out, tree)
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,24 +125,36 @@ class ReferenceGPT(nn.Module):
 class ImperativeTrainer:
     """The standard recipe, one optimizer step per call on a batch split into micro-batches.
 
-    Per micro-batch: autocast forward, mean token loss / accum_steps, ``scaler.scale(loss).backward()``;
-    then ``scaler.unscale_``, ``clip_grad_norm_``, ``scaler.step``, ``scaler.update``,
-    ``zero_grad(set_to_none=True)``.
+    Written the way a PyTorch user writes it, with no code from the functional step. Per
+    micro-batch: autocast forward, summed token cross-entropy divided by the step's total count of
+    target tokens (``num_items_in_batch``, as transformers normalises since October 2024), and
+    ``scaler.scale(loss).backward()``; then ``scaler.unscale_``, ``clip_grad_norm_``,
+    ``scaler.step``, ``scaler.update``, ``zero_grad(set_to_none=True)``. A loss mask is applied the
+    Hugging Face way: a target whose mask is 0 becomes the ignored label -100.
 
     Args:
         model: the module to train (float32 weights).
-        lr, betas, eps, weight_decay: torch.optim.AdamW's arguments (foreach=True).
-        precision: "fp32", "bf16" or "fp16" (fp16 adds a GradScaler with its defaults).
-        accum_steps: micro-batches per step.
+        optimizer: "adamw" (``torch.optim.AdamW(foreach=True)``) or "sgd" (``torch.optim.SGD(foreach=True)``).
+        lr, betas, eps, weight_decay: the optimizer's arguments (SGD takes lr, momentum and weight_decay).
+        momentum: SGD's momentum.
+        precision: "fp32", "bf16" or "fp16" (fp16 adds a GradScaler).
+        accum_steps: micro-batches per step (rows split by ``tensor_split``, sizes differ by at most one).
         max_grad_norm: clip norm, or None.
-        init_scale, growth_interval: GradScaler arguments for fp16.
+        init_scale, growth_interval: GradScaler arguments for fp16 (its other defaults are kept).
     """
 
-    def __init__(self, model: nn.Module, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
-                 precision="fp32", accum_steps=1, max_grad_norm=None, init_scale=2.0**16, growth_interval=2000):
+    def __init__(self, model: nn.Module, *, optimizer="adamw", lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.01, momentum=0.0, precision="fp32", accum_steps=1, max_grad_norm=None,
+                 init_scale=2.0**16, growth_interval=2000):
         self.model = model
-        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, eps=eps,
-                                     weight_decay=weight_decay, foreach=True)
+        if optimizer == "adamw":
+            self.opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, eps=eps,
+                                         weight_decay=weight_decay, foreach=True)
+        elif optimizer == "sgd":
+            self.opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                       foreach=True)
+        else:
+            raise ValueError(f"ImperativeTrainer: optimizer must be 'adamw' or 'sgd', got {optimizer!r}.")
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         device = next(model.parameters()).device.type
         self.device_type = device
@@ -143,14 +163,39 @@ class ImperativeTrainer:
         self.accum_steps = accum_steps
         self.max_grad_norm = max_grad_norm
 
-    def step(self, tokens: torch.Tensor, targets: torch.Tensor) -> dict:
-        """One optimizer step; returns loss, grad_norm, scale used and whether it was skipped."""
+    def optimizer_state(self, key: str) -> dict:
+        """One per-parameter optimizer state as a params tree, e.g. "exp_avg" (AdamW's first moment)."""
+        return self.model.tree({n: self.opt.state[p][key] for n, p in self.model.named_parameters()})
+
+    @staticmethod
+    def labels(targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``targets`` with -100 wherever ``mask`` is 0 (the mask must hold only 0 and 1)."""
+        if mask is None:
+            return targets
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("ImperativeTrainer: the loss mask must hold only 0 and 1.")
+        return torch.where(mask.bool(), targets, torch.full_like(targets, -100))
+
+    def step(self, tokens: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None,
+             attention_mask: torch.Tensor | None = None) -> dict:
+        """One optimizer step; returns loss, grad_norm, the scale used, whether it was skipped, and tokens.
+
+        Args:
+            tokens, targets: (B, T) int64; targets equal to -100 are not counted.
+            mask: optional (B, T) 0/1 loss mask.
+            attention_mask: optional (B, T) padding mask (1 = real key).
+        """
+        labels = self.labels(targets, mask)
+        n_items = (labels != -100).sum()  # the step's token count, known before the first backward
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         total = 0.0
-        for x, y in zip(tokens.tensor_split(self.accum_steps), targets.tensor_split(self.accum_steps)):
+        k = self.accum_steps
+        pads = attention_mask.tensor_split(k) if attention_mask is not None else [None] * k
+        for x, y, am in zip(tokens.tensor_split(k), labels.tensor_split(k), pads):
             with torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-                logits = self.model(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / self.accum_steps
+                logits = self.model(x, attention_mask=am)
+            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=-100)
+            loss = loss_sum / n_items.clamp(min=1)
             self.scaler.scale(loss).backward()
             total += loss.item()
         self.scaler.unscale_(self.opt)
@@ -164,4 +209,4 @@ class ImperativeTrainer:
         new_scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         self.opt.zero_grad(set_to_none=True)
         return {"loss": total, "grad_norm": float(norm), "loss_scale": scale,
-                "skipped": bool(self.scaler.is_enabled() and new_scale < scale)}
+                "skipped": bool(self.scaler.is_enabled() and new_scale < scale), "tokens": int(n_items)}

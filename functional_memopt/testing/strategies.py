@@ -20,8 +20,8 @@ try:  # hypothesis is needed for the strategies only, not for the assertions
 except ImportError:  # pragma: no cover - exercised only without the testing extra
     st = None
 
-__all__ = ["configs", "params", "token_batches", "ragged_batches", "policies", "nonfinite_values",
-           "accumulation_steps"]
+__all__ = ["configs", "params", "token_batches", "ragged_batches", "masked_batches", "policies", "nonfinite_values",
+           "accumulation_steps", "powers_of_two"]
 
 
 def _require_hypothesis() -> None:
@@ -94,6 +94,46 @@ def ragged_batches(cfg: ModelConfig, *, min_rows: int = 1, max_rows: int = 4):
         return Batch(tokens, targets, real.to(torch.float32), real)
 
     return build()
+
+
+def masked_batches(cfg: ModelConfig, *, min_rows: int = 1, max_rows: int = 4, min_len: int = 1):
+    """Right-padded Batches with a 0/1 loss mask that leaves out some real targets too.
+
+    Each row has its own length (padding: IGNORE_INDEX targets, mask 0, attention_mask False), and
+    the mask is also 0 on drawn real positions whose targets are *not* IGNORE_INDEX, as a prompt
+    mask or a completion-only loss makes. At least one target is counted, and at least one real
+    target is masked whenever the batch has two or more positions, so token counts are ragged
+    across rows and micro-batches, and mask and IGNORE_INDEX can be told apart.
+    """
+    _require_hypothesis()
+
+    @st.composite
+    def build(draw):
+        B = draw(st.integers(min_rows, max_rows))
+        T = draw(st.integers(min(min_len, cfg.block_size), cfg.block_size))
+        lengths = draw(st.lists(st.integers(1, T), min_size=B, max_size=B))
+        if B == 1 and T >= 2:
+            lengths[0] = max(lengths[0], 2)  # room for one counted and one masked target
+        seed = draw(st.integers(0, 2**31 - 1))
+        g = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+        targets = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+        real = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+        keep = torch.rand(B, T, generator=g) < draw(st.floats(0.3, 0.9))
+        flat = real.flatten().nonzero().flatten()
+        keep.view(-1)[flat[0]] = True  # one counted target at least
+        if len(flat) > 1:
+            keep.view(-1)[flat[-1]] = False  # one real target masked at least
+        targets = torch.where(real, targets, torch.full_like(targets, IGNORE_INDEX))
+        return Batch(tokens, targets, (real & keep).to(torch.float32), real)
+
+    return build()
+
+
+def powers_of_two(lo: int = -4, hi: int = 24):
+    """Loss scales 2**e for e in [lo, hi]: multiplying by them is exact in binary floating point."""
+    _require_hypothesis()
+    return st.integers(lo, hi).map(lambda e: 2.0**e)
 
 
 def params(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32):
