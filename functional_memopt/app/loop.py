@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 import time
 from typing import Any, NamedTuple
@@ -27,8 +26,6 @@ from ..data.batch import rows_per_microbatch, sample_batch
 from ..data.corpus import load_corpus, train_val_split
 from ..io.checkpoint import checkpoint_info, has_checkpoint, load_checkpoint, save_checkpoint
 from ..io.files import is_disk_full
-from ..io.params import params_file_info
-from ..io.tensor_files import verify_digest
 from ..memory.hygiene import with_memory_hygiene
 from ..model.config import ModelConfig
 from ..model.layout import init_params
@@ -45,7 +42,8 @@ from ..train.step import TrainState, init_train_state, make_loss_fn, make_train_
 from .format import format_bytes
 from .interrupt import StopRequest
 from .records import parse_meta
-from .run import FLAGS, PARAMS_FILE, RUN_FORMAT, Resolved, RunFiles, TrainArgs, peak_bytes, prepare_run_dir, remove_leftovers
+from .resume import repair_params, steps_change
+from .run import FLAGS, RUN_FORMAT, Resolved, RunFiles, TrainArgs, peak_bytes, prepare_run_dir, remove_leftovers
 
 __all__ = ["TrainResult", "train", "evaluate", "build_optimizer", "VAL_SEED"]
 
@@ -166,7 +164,8 @@ def _set_up(args: TrainArgs, cfg: ModelConfig, resolved: Resolved, run_dir: str,
     start, skipped, bpb0, bpb = 0, 0, None, None
     if resume:
         if not has_checkpoint(run_dir):
-            raise ValueError(f"train: {run_dir!r} holds no checkpoint to resume (state.json is missing).")
+            raise ValueError(f"train: {run_dir!r} holds no checkpoint to resume (state.json is missing: the run "
+                             "stopped before its first checkpoint); start it again with --force.")
         record = checkpoint_info(run_dir)
         meta = parse_meta(record["meta"], run_dir, step=record.get("step"))
         state, _ = load_checkpoint(run_dir, state, cfg=cfg, parallel=parallel, optimizer=opt)
@@ -177,7 +176,8 @@ def _set_up(args: TrainArgs, cfg: ModelConfig, resolved: Resolved, run_dir: str,
         if "sha256" not in record:
             _say(info, f"memopt: note: the checkpoint in {run_dir} (step {start}) has no checksum (an earlier version "
                        "wrote it); its values were checked, its bytes cannot be.")
-        on_main(lambda: _repair_params(files, state, cfg, run_dir, info), what="checking params.safetensors")
+        on_main(lambda: repair_params(files, state, cfg, run_dir, lambda text: _say(info, text)),
+                what="checking params.safetensors")
         files.reopen(meta["metrics_bytes"])
     else:
         config = {"format": RUN_FORMAT, "format_version": 1, "library_version": __version__,
@@ -194,48 +194,15 @@ def _set_up(args: TrainArgs, cfg: ModelConfig, resolved: Resolved, run_dir: str,
     return run
 
 
-def _repair_params(files: RunFiles, state: TrainState, cfg: ModelConfig, run_dir: str, info: DistInfo) -> None:
-    """Rewrite params.safetensors from the checkpoint when it is missing, damaged or of another step."""
-    path = os.path.join(run_dir, PARAMS_FILE)
-    step = int(state.step)
-    found = None
-    if not os.path.isfile(path):
-        found = "was missing"
-    else:
-        try:
-            verify_digest(path, caller="train")
-            held = params_file_info(path)["step"]
-            if held is None:
-                found = "did not record its step (an earlier version wrote it)"
-            elif held != step:
-                found = f"held step {held}, {'older' if held < step else 'newer'} than the checkpoint (step {step})"
-        except ValueError as err:
-            found = f"was damaged ({str(err).split(': ', 1)[-1][:120]})"
-    if found:
-        files.save_params(state.params, cfg, step)
-        _say(info, f"memopt: {PARAMS_FILE} {found}: rewrote it from the checkpoint.")
-
-
 def _record_steps_change(run: _Run, config: dict) -> None:
     """A resumed run whose --steps differs: say what happens to the schedule and record it in config.json."""
-    before = config["train"]["steps"]
-    after = run.args.steps
-    if after == before:
-        return
-    count = int(run.state.step)  # the schedule reads the optimizer's count: the updates applied
-    old_lr = float(build_optimizer(dataclasses.replace(run.args, steps=before), run.resolved.warmup_steps)[1](count))
-    new_lr = float(run.schedule(count))
-    if run.args.schedule == "cosine":
-        what = (f"the cosine schedule now spans {after} steps instead of {before}: from step {run.it} on the learning "
-                f"rate follows a {after}-step run ({old_lr:.3g} -> {new_lr:.3g} now)")
-    else:
-        what = "the schedule (constant after warmup) is unchanged"
-    _say(run.info, f"memopt: --steps {after} (was {before}): {what}. config.json records the change, so a later "
-                   "--resume repeats it.")
-    history = list(config.get("steps_history", []))
-    history.append({"at_step": run.it, "steps_before": before, "steps_after": after})
-    new = {**config, "train": {**config["train"], "steps": after}, "steps_history": history}
-    (run.parallel or single_process()).on_main(lambda: run.files.write_config(new), what="updating config.json")
+    change = steps_change(config, run.args, run.schedule, build_optimizer(
+        dataclasses.replace(run.args, steps=config["train"]["steps"]), run.resolved.warmup_steps)[1],
+        at=run.it, count=int(run.state.step))
+    if change is not None:
+        note, new = change
+        _say(run.info, note)
+        (run.parallel or single_process()).on_main(lambda: run.files.write_config(new), what="updating config.json")
 
 
 def _checkpoint(run: _Run) -> None:

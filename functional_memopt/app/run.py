@@ -19,7 +19,7 @@ import torch
 
 from ..data.batch import rows_per_microbatch
 from ..io.checkpoint import TEMPORARY_TARGETS
-from ..io.files import atomic_write_json, leftovers
+from ..io.files import atomic_write_json, check_json_seal, leftovers
 from ..io.params import save_params
 from ..memory.rss import rss_peak
 from ..model.config import ModelConfig, get_config
@@ -203,6 +203,7 @@ def read_run_config(run_dir: str) -> dict:
         raise ValueError(f"train: {path!r} is not valid JSON ({err}); the run directory is damaged.") from None
     if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
         raise ValueError(f"train: {path!r} is not a memopt run config (no format {RUN_FORMAT!r}).")
+    check_json_seal(record, caller="train", path=path)
     return record
 
 
@@ -211,6 +212,10 @@ def prepare_run_dir(run_dir: str, *, force: bool, dry_run: bool = False) -> None
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ValueError(f"train: the run directory {run_dir!r} is a file; choose another --run-dir.")
     entries = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    if entries and not set(entries) - set(leftovers(run_dir, TEMPORARY_RUN_FILES)):  # what a killed start left
+        if not dry_run:
+            remove_leftovers(run_dir)
+        entries = []
     if entries and not force:
         raise ValueError(
             f"train: the run directory {run_dir!r} already exists and is not empty; pass --force to "
@@ -253,7 +258,7 @@ def remove_leftovers(run_dir: str) -> list[str]:
 
 
 def _write_json(path: str, record: dict) -> None:
-    atomic_write_json(path, record, caller="train", indent=2)
+    atomic_write_json(path, record, caller="train", indent=2, seal=True)
 
 
 class RunFiles:

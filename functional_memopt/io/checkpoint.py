@@ -18,7 +18,7 @@ of an optimizer's state is a property of its code; a pickled treedef would tie f
 paths and be unsafe to open.) ``state.json`` lists every key with its dtype and shape, so a
 checkpoint of another configuration is refused key by key.
 
-Verified on load: ``state.json``'s fields by type and range; the tensor file's sha256, recorded in
+Verified on load: ``state.json``'s own sha256 (``json_sha256``) and its fields by type and range; the tensor file's sha256, recorded in
 ``state.json`` (and sealed into the file itself), before any tensor is read; then the values:
 finite, and the state's invariants (``invariants.check_state``: optimizer counts equal ``step``,
 second moments >= 0, a consistent loss scale). A checkpoint written before checksums existed (no
@@ -42,7 +42,7 @@ from .._tree import tree_flatten_with_paths, tree_from_paths
 from .._version import __version__
 from ..model.config import ModelConfig
 from ..model.layout import check_params
-from .files import atomic_write_json, check_finite, is_disk_full, leftovers, write_phase
+from .files import atomic_write_json, check_finite, check_json_seal, is_disk_full, leftovers, write_phase
 from .invariants import check_state
 from .tensor_files import atomic_save_safetensors, open_safetensors
 
@@ -73,7 +73,7 @@ def _listing(keys: list[str]) -> str:
 
 
 def _write_json(path: str, record: dict) -> None:
-    atomic_write_json(path, record, caller="save_checkpoint", indent=1)
+    atomic_write_json(path, record, caller="save_checkpoint", indent=1, seal=True)
 
 
 def save_checkpoint(run_dir: str | os.PathLike, state: Any, *, cfg: ModelConfig, meta: dict | None = None,
@@ -201,6 +201,7 @@ def checkpoint_info(run_dir: str | os.PathLike) -> dict:
         raise ValueError(f"load_checkpoint: {path!r} is corrupted, not valid JSON ({err}).") from None
     if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"load_checkpoint: {path!r} is not a functional_memopt checkpoint record.")
+    check_json_seal(record, caller="load_checkpoint", path=path)
     version = record.get("format_version")
     if not isinstance(version, int) or version > CHECKPOINT_VERSION:
         raise ValueError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["atomic_write", "atomic_write_json", "check_folder", "magnitudes", "check_finite", "add_write_hook",
+__all__ = ["atomic_write", "atomic_write_json", "check_json_seal", "JSON_SEAL", "check_folder", "magnitudes", "check_finite", "add_write_hook",
            "write_phase", "leftovers", "is_disk_full", "machine_memory", "check_fits_in_memory", "WRITE_STAGES"]
 
 WRITE_STAGES = ("begin", "written", "synced", "renamed")  # the phases of every atomic_write, in order
@@ -166,9 +167,37 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None], *, ca
         _fsync_path(folder, os.O_RDONLY)
 
 
+JSON_SEAL = "json_sha256"  # the key of a JSON record's own checksum
+
+
+def _json_digest(record: dict) -> str:
+    body = {k: v for k, v in record.items() if k != JSON_SEAL}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_json_seal(record: dict, *, caller: str, path: str) -> bool:
+    """Verify the checksum a sealed JSON record holds; False when it holds none (an earlier version wrote it).
+
+    Raises:
+        ValueError: naming the file when the record changed after it was written.
+    """
+    seal = record.get(JSON_SEAL)
+    if seal is None:
+        return False
+    if seal != _json_digest(record):
+        raise ValueError(f"{caller}: {path!r} is damaged: its contents do not match the sha256 written with it (a "
+                         "bit changed on disk, or the file was edited); restore it from a copy.")
+    return True
+
+
 def atomic_write_json(path: str | os.PathLike, record: dict, *, caller: str = "atomic_write_json",
-                      indent: int = 2) -> None:
-    """Write ``record`` as a JSON file (sorted keys) through :func:`atomic_write`."""
+                      indent: int = 2, seal: bool = False) -> None:
+    """Write ``record`` as a JSON file (sorted keys) through :func:`atomic_write`.
+
+    With ``seal`` the record gets its own sha256 under ``json_sha256`` (see :func:`check_json_seal`).
+    """
+    if seal:
+        record = {**record, JSON_SEAL: _json_digest(record)}
     text = json.dumps(record, indent=indent, sort_keys=True) + "\n"
 
     def write(tmp: str) -> None:
