@@ -14,14 +14,20 @@ import tempfile
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import functional_memopt as fm
 
+# Only this script's own lines: transformers' warnings and its progress bars off, through its own switches.
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+
 torch.manual_seed(0)
 work = Path(tempfile.mkdtemp())
-hf_config = GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+# A byte vocabulary has no id 50256, GPT-2's <|endoftext|>: no bos/eos ids, as save_gpt2 writes them.
+hf_config = GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=None,
+                       eos_token_id=None, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 GPT2LMHeadModel(hf_config).save_pretrained(work / "gpt2-small-random")
 
 params, cfg = fm.load_gpt2(work / "gpt2-small-random")  # fp32 masters, tied head, fused QKV

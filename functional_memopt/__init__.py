@@ -56,6 +56,7 @@ from .train.loss_scale import static_loss_scale as static_loss_scale  # a fixed 
 from .train.precision import Policy as Policy  # param, compute and output dtypes
 from .train.precision import get_policy as get_policy  # a Policy from "mixed_bf16", ...
 from .train.precision import with_policy as with_policy  # a function run at a policy's precision
+from .train.guard import NonFiniteUpdateError as NonFiniteUpdateError  # a donated step's update was not finite
 from .train.step import TrainState as TrainState  # step, params, optimizer state, loss scale
 from .train.step import init_train_state as init_train_state  # a fresh TrainState
 from .train.step import make_loss_fn as make_loss_fn  # the model's loss(params, batch)
@@ -100,7 +101,8 @@ __all__ = [
     "linear_warmup", "warmup_cosine", "sgd",
     # train
     "accumulate_gradients", "value_and_grad", "dynamic_loss_scale", "no_op_loss_scale", "static_loss_scale",
-    "Policy", "get_policy", "with_policy", "TrainState", "init_train_state", "make_loss_fn", "make_train_step",
+    "Policy", "get_policy", "with_policy", "NonFiniteUpdateError", "TrainState", "init_train_state", "make_loss_fn",
+    "make_train_step",
     # io
     "load_checkpoint", "save_checkpoint", "load_gpt2", "save_gpt2", "load_params", "save_params",
     # parallel

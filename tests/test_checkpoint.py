@@ -1,6 +1,7 @@
 import json
 import os
 
+import optree
 import pytest
 import torch
 from hypothesis import given
@@ -38,6 +39,13 @@ def fresh_state(cfg, policy, n_steps, seed=0):
     # growth_interval 2 makes the loss scale move within a few steps, so its state matters.
     ls = dynamic_loss_scale(2.0**10, growth_interval=2)
     return init_train_state(fm.init_params(cfg, seed=seed), optimizer(n_steps), loss_scale=ls, policy=policy)
+
+
+def without_checksum(run_dir):
+    """state.json as versions before checksums wrote it (no sha256 field)."""
+    record = json.loads((run_dir / STATE_JSON).read_text())
+    record.pop("sha256")
+    (run_dir / STATE_JSON).write_text(json.dumps(record))
 
 
 def run(step, state, start, stop):
@@ -81,15 +89,26 @@ STATE_TYPES = {
 
 
 def perturbed(state, seed):
-    """Every leaf given a non-default value (counts, scales and moments all differ from init)."""
+    """Every leaf given a non-default value a training step could have produced (counts, scales and
+    moments all differ from init; the optimizer counts equal the step, the loss-scale counter stays
+    below its interval and the backoff factor below 1)."""
     g = torch.Generator().manual_seed(seed)
+    flat = fmtree.tree_flatten_with_paths(state)
+    steps = int(torch.randint(1, 100, (), generator=g))
 
-    def change(x):
+    def change(key, x):
+        if key == "step" or key.endswith(".count"):
+            return torch.full_like(x, steps)
+        if key == "loss_scale.backoff_factor":
+            return x * 0.5
         if x.is_floating_point():
             return (x.float() + torch.rand(x.shape, generator=g) + 0.5).to(x.dtype)
         return x + torch.randint(1, 100, x.shape, generator=g).to(x.dtype)
 
-    return fmtree.tree_map(change, state)
+    new = {k: change(k, v) for k, v in flat.items()}
+    if "loss_scale.counter" in new:
+        new["loss_scale.counter"] = new["loss_scale.growth_interval"] - 1
+    return optree.tree_unflatten(optree.tree_structure(state), list(new.values()))
 
 
 @pytest.mark.parametrize("kind", sorted(STATE_TYPES))
@@ -198,6 +217,7 @@ def test_non_finite_values_are_named_on_load_and_refused_on_save(tmp_path):
     tensors = load_file(path)
     tensors["opt_state.nu.wpe"][0, 0] = float("nan")
     save_file(tensors, path, metadata={"functional_memopt.checkpoint_id": info["id"]})
+    without_checksum(tmp_path)  # as an earlier version wrote it: the values are checked
     with pytest.raises(ValueError, match=r"inf or nan values in \['opt_state.nu.wpe'\]"):
         load_checkpoint(tmp_path, state)
     save_checkpoint(tmp_path, state, cfg=CFG)

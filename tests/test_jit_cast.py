@@ -5,7 +5,6 @@ inside the recomputed region) instead of casting the whole tree first. The gradi
 bit-identical to the cast-everything-first route, and the peak of live compute copies must fall.
 """
 
-import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st

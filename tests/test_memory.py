@@ -176,11 +176,18 @@ def test_the_memory_table_shows_measured_peaks_and_their_ratios(capsys, monkeypa
     assert float(rows["all"][-1]) >= 1.0  # pred/floor: no setting goes below the floor
 
 
-def test_the_chart_is_a_png(tmp_path, capsys):
+def test_the_chart_is_a_png_its_path_is_printed_and_its_title_promises_no_unmeasured_markers(
+        tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
     path = tmp_path / "m.png"
-    _run(["--preset", "tiny", "--no-measure", "--chart", str(path)], capsys)
+    titles = []
+    plot = memory_report.plot_ablation
+    monkeypatch.setattr(memory_report, "plot_ablation", lambda rows, p, *, title: (titles.append(title),
+                                                                                  plot(rows, p, title=title)))
+    _, out = _run(["--preset", "tiny", "--no-measure", "--chart", str(path)], capsys)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"memopt: chart written to {path}" in out
+    assert titles[0].startswith("Predicted peak by item (not measured)") and "marker" not in titles[0]
 
 
 def test_a_chart_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypatch):

@@ -15,7 +15,7 @@ PARAMS = fm.init_params(CFG, seed=0)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@given(st.integers(0, 2**31 - 1), st.floats(0.3, 2.0), st.one_of(st.none(), st.integers(1, 40)))
+@given(st.integers(0, 2**31 - 1), st.floats(0.3, 2.0), st.one_of(st.none(), st.integers(1, CFG.vocab_size)))
 def test_the_same_seed_gives_the_same_tokens(seed, temperature, top_k):
     a = generate(PARAMS, CFG, [1, 2, 3], max_new_tokens=12, temperature=temperature, top_k=top_k, seed=seed)
     b = generate(PARAMS, CFG, [1, 2, 3], max_new_tokens=12, temperature=temperature, top_k=top_k, seed=seed)
@@ -81,6 +81,9 @@ def test_generate_leaves_params_and_prompt_untouched_and_runs_in_half_precision(
         ({"temperature": -0.5}, "temperature"),
         ({"temperature": float("nan")}, "temperature"),
         ({"top_k": 0}, "top_k"),
+        ({"top_k": 33}, "top_k 33 exceeds the model's vocabulary of 32 tokens"),
+        ({"temperature": 1e-40}, "temperature 1e-40 is below 0.001.*pass temperature 0 for greedy"),
+        ({"temperature": 1e5}, "temperature 100000 is above 1000"),
     ],
 )
 def test_bad_arguments_are_refused_with_the_argument_named(kwargs, match):

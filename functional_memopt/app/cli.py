@@ -13,6 +13,10 @@ Example:
     torchrun --standalone --nproc_per_node=2 -m functional_memopt train --zero-stage 2 --run-dir runs/dp
     memopt sample runs/demo --prompt "def " --max-new-tokens 200
     memopt convert runs/demo/params.safetensors gpt2-dir --to gpt2 --dtype fp32
+    memopt verify runs/demo
+
+SIGTERM (schedulers, ``docker stop``) is handled as Ctrl-C: a checkpoint, then exit code 143 (130
+for Ctrl-C). ``FUNCTIONAL_MEMOPT_FAULT`` injects faults at named write phases (see ``faults``).
 """
 
 from __future__ import annotations
@@ -27,12 +31,15 @@ import time
 import torch
 
 from ..data.batch import rows_per_microbatch
-from ..model.config import ModelConfig
+from ..model.config import PRESETS
 from ..parallel.process_group import RankFailed, init_distributed, shutdown_distributed
 from .commands import convert_command, sample_command
+from .faults import install_fault_hook
 from .loop import train
 from .memory_report import add_memory_arguments, memory_command
-from .run import CPU_DEFAULT_POLICY, FLAGS, Resolved, TrainArgs, read_run_config, resolve_args, resolve_device
+from .records import parse_run_config
+from .run import CPU_DEFAULT_POLICY, FLAGS, TrainArgs, choose_threads, read_run_config, resolve_args, resolve_device
+from .verify import verify_command
 
 __all__ = ["main", "build_parser"]
 
@@ -93,7 +100,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     def add(flag, help, **kw):
         p.add_argument(flag, default=S, help=help, **kw)
 
-    add("--preset", f"model preset (default {d.preset}); see functional_memopt.PRESETS")
+    presets = "; ".join(f"{name} ({c.n_layer} layers, width {c.n_embd}, vocab {c.vocab_size}, block {c.block_size})"
+                        for name, c in PRESETS.items())
+    add("--preset", f"model preset (default {d.preset}): {presets}", metavar="NAME")
     for name in ("n-layer", "n-head", "n-embd", "block-size"):
         add(f"--{name}", "override the preset's " + name.replace("-", "_"), type=_positive_int)
     add("--policy", "precision policy: auto, fp32, mixed_bf16, mixed_fp16, bf16, fp16 or "
@@ -117,7 +126,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     add("--beta1", f"AdamW b1 (default {d.beta1:g})", type=float)
     add("--beta2", f"AdamW b2 (default {d.beta2:g})", type=float)
     add("--max-grad-norm", f"clip the global gradient norm, 0 for off (default {d.max_grad_norm:g})", type=float)
-    add("--steps", f"optimizer steps in the run (default {d.steps})", type=_positive_int)
+    add("--steps", f"optimizer steps in the run (default {d.steps}); on --resume a new value extends (or "
+        "shortens) the run, and the cosine schedule then spans the new number (said, and kept in config.json)",
+        type=_positive_int)
     add("--stop-at", "stop with a checkpoint at this step, keeping the schedule of --steps", type=_positive_int)
     add("--eval-interval", "steps between evaluations and checkpoints (default steps / 6)", type=_positive_int)
     add("--eval-batches", f"validation batches per evaluation (default {d.eval_batches})", type=_positive_int)
@@ -159,6 +170,11 @@ def _add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=convert_command)
 
 
+def _add_verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="the run directory to check")
+    p.set_defaults(func=verify_command)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser; the ``memory`` subcommand's options are added only when it is the command."""
     parser = _Parser(prog="memopt", description="Train, sample and convert memory-efficient transformer LMs.")
@@ -166,6 +182,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_train_arguments(sub.add_parser("train", help="train a model (by default the tiny preset, built-in corpus)"))
     _add_sample_arguments(sub.add_parser("sample", help="generate text from a trained model"))
     _add_convert_arguments(sub.add_parser("convert", help="convert params files and GPT-2 directories"))
+    _add_verify_arguments(sub.add_parser("verify", help="check every file of a run directory; exit 1 on any damage"))
     mem = sub.add_parser("memory", help="memory ledger: predicted vs measured bytes, and memory hygiene")
     if argv is not None and argv[:1] == ["memory"]:
         add_memory_arguments(mem)
@@ -177,10 +194,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def _train_setup(ns: argparse.Namespace, world_size: int):
-    """``(args, cfg, resolved, run_dir, resuming)`` from the command line (and config.json on --resume)."""
+    """``(args, cfg, resolved, run_dir, record)`` from the command line (and config.json on --resume, whose
+    parsed record is returned; None for a new run)."""
     given = {k: v for k, v in vars(ns).items() if k in {f.name for f in dataclasses.fields(TrainArgs)}}
     run_dir = getattr(ns, "run_dir", None)
     resuming = getattr(ns, "resume", None) is not None
+    record = None
     if resuming:
         if run_dir is not None and os.path.abspath(run_dir) != os.path.abspath(ns.resume):
             raise ValueError("train: give the run directory once, with --resume RUN_DIR (not also --run-dir).")
@@ -194,15 +213,11 @@ def _train_setup(ns: argparse.Namespace, world_size: int):
                 f"train: {flags} cannot change when resuming (the run's values are in {run_dir}/config.json); "
                 f"only {free} can. Start a new run instead."
             )
-        try:
-            # --stop-at belongs to one session: a resumed run goes on to --steps unless told again.
-            args = dataclasses.replace(TrainArgs(**record["train"]), **{"stop_at": None, **given})
-            stored = Resolved(**record["resolved"])
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"train: {run_dir}/config.json is damaged ({err}).") from None
+        stored_args, stored, cfg = parse_run_config(record, run_dir)
+        # --stop-at belongs to one session: a resumed run goes on to --steps unless told again.
+        args = dataclasses.replace(stored_args, **{"stop_at": None, **given})
         _, fresh = resolve_args(args, resolve_device(args.device), world_size)  # validates the new values
         rows_per_microbatch(args.batch_size, stored.accum_steps, world_size, caller="train", names=FLAGS)  # other ranks too
-        cfg = ModelConfig.from_dict(record["model"])
         resolved = stored._replace(
             eval_interval=args.eval_interval or stored.eval_interval,
             threads=fresh.threads if "threads" in given else stored.threads,  # same threads, same bits
@@ -213,13 +228,14 @@ def _train_setup(ns: argparse.Namespace, world_size: int):
         args = TrainArgs(**given)
         cfg, resolved = resolve_args(args, resolve_device(args.device), world_size)
         run_dir = run_dir or os.path.join("runs", f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    return args, cfg, resolved, run_dir, resuming
+    return args, cfg, resolved, run_dir, record
 
 
 def _train_command(ns: argparse.Namespace) -> int:
     with _reported_by_rank_0():  # the same arguments on every rank: the same errors
-        args, cfg, resolved, run_dir, resuming = _train_setup(ns, _launched_world_size())
+        args, cfg, resolved, run_dir, record = _train_setup(ns, _launched_world_size())
         device = resolve_device(args.device)
+    resuming = record is not None
     # Without torchrun's environment this is one process on `device`; under torchrun each rank
     # takes cuda:LOCAL_RANK (NCCL), or the CPU (gloo) when CUDA is absent or --device cpu asks.
     info = init_distributed(backend="gloo" if device.type == "cpu" else None, timeout_s=args.dist_timeout)
@@ -227,20 +243,18 @@ def _train_command(ns: argparse.Namespace) -> int:
         if info.world_size == 1:
             info = info._replace(device=device)
         torch.set_num_threads(resolved.threads)
+        header = None
+        if not ns.quiet and info.device.type == "cpu":
+            why = ("recorded in config.json, so a resume gives the same bits" if resuming and "threads" not in vars(ns)
+                   else choose_threads(args.threads)[1])
+            header = f"memopt: {resolved.threads} CPU thread(s) ({why})"
         result = train(args, cfg, resolved, run_dir, info.device, resume=resuming, force=ns.force, quiet=ns.quiet,
-                       info=info)
+                       info=info, config=record, header=header)
     finally:
         shutdown_distributed()
-    if info.rank != 0:
-        return {"interrupted": 130, "diverged": 1}.get(result.status, 0)
-    if result.status == "interrupted":
-        print(result.message, file=sys.stderr)
-        return 130
-    if result.status == "diverged":
-        print(result.message, file=sys.stderr)
-        return 1
-    print(result.message)
-    return 0
+    if info.rank == 0:
+        print(result.message, file=sys.stderr if result.exit_code else sys.stdout)
+    return result.exit_code
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -260,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``memopt`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        install_fault_hook(os.environ.get("FUNCTIONAL_MEMOPT_FAULT"))
         ns = build_parser(argv).parse_args(argv)
         return ns.func(ns)
     except _UsageError as err:

@@ -9,21 +9,55 @@ import sys
 from ..data.tokens import BYTE_VOCAB, decode, encode
 from ..io.checkpoint import checkpoint_info, has_checkpoint, load_checkpoint_params
 from ..io.gpt2 import load_gpt2, save_gpt2
-from ..io.params import load_params, save_params
-from ..model.generate import generate
+from ..io.params import load_params, params_file_info, save_params
+from ..model.generate import check_sampling, generate
 from .format import format_bytes
-from .run import resolve_device
+from .run import PARAMS_FILE, resolve_device
 
 __all__ = ["sample_command", "convert_command"]
 
 
+def _note(text: str) -> None:
+    print(f"memopt: note: {text}", file=sys.stderr)
+
+
+def _staleness(params_file: str, run_dir: str) -> str | None:
+    """Why ``params_file`` is not the newest checkpoint's params (None when it is, or there is no checkpoint)."""
+    if not has_checkpoint(run_dir):
+        return None
+    try:
+        newest = checkpoint_info(run_dir)["step"]
+        held = params_file_info(params_file)["step"]
+    except (OSError, ValueError, KeyError):
+        return None  # reported by whichever file is then read
+    if held is None:
+        return f"{params_file} does not record its step (an earlier version wrote it); the newest checkpoint is step {newest}"
+    if held < newest:
+        return f"{params_file} holds step {held}, older than the newest checkpoint (step {newest})"
+    return None
+
+
 def _load_model(source: str, device, *, caller: str):
-    """(params, cfg, paths read) from a run directory, a params file or a GPT-2 directory."""
+    """(params, cfg, paths read) from a run directory, a params file or a GPT-2 directory.
+
+    A run directory's params.safetensors is read when it holds the newest checkpoint's step; when it
+    is older (a crash while it was being written) or damaged, the checkpoint is read instead, and
+    a note says so. A params file named directly is read as asked, with the same note.
+    """
 
     if os.path.isdir(source):
-        params_file = os.path.join(source, "params.safetensors")
+        params_file = os.path.join(source, PARAMS_FILE)
         if os.path.isfile(params_file):
-            return (*load_params(params_file, device=device), [params_file])
+            stale = _staleness(params_file, source)
+            if stale is None:
+                try:
+                    return (*load_params(params_file, device=device), [params_file])
+                except ValueError as err:
+                    if not has_checkpoint(source):
+                        raise
+                    stale = str(err)
+            _note(f"{stale}; reading the checkpoint instead (`memopt train --resume {source}` rewrites "
+                  f"{PARAMS_FILE}).")
         if has_checkpoint(source):
             tensors = os.path.join(source, checkpoint_info(source)["tensors"])
             return (*load_checkpoint_params(source, device=device), [tensors])
@@ -36,6 +70,9 @@ def _load_model(source: str, device, *, caller: str):
             "(config.json + model.safetensors)."
         )
     if os.path.isfile(source):
+        stale = _staleness(source, os.path.dirname(os.path.abspath(source)))
+        if stale is not None and os.path.basename(source) == PARAMS_FILE:
+            _note(f"{stale}; reading it as asked (pass the run directory to read the newest checkpoint).")
         return (*load_params(source, device=device), [source])
     raise FileNotFoundError(f"{caller}: no file or directory at {source!r}; check the path.")
 
@@ -47,7 +84,11 @@ def _size(paths) -> int:
 def sample_command(ns: argparse.Namespace) -> int:
 
     device = resolve_device(ns.device)
+    check_sampling(ns.temperature, ns.top_k, caller="sample", names=("--temperature", "--top-k"))
+    if ns.max_new_tokens < 0:
+        raise ValueError(f"sample: --max-new-tokens must be >= 0, got {ns.max_new_tokens}.")
     params, cfg, _ = _load_model(ns.source, device, caller="sample")
+    check_sampling(ns.temperature, ns.top_k, cfg.vocab_size, caller="sample", names=("--temperature", "--top-k"))
     if ns.prompt is not None and ns.prompt_ids is not None:
         raise ValueError("sample: give --prompt or --prompt-ids, not both.")
     if ns.prompt_ids is not None:

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from .._version import __version__
 from ..data.batch import rows_per_microbatch, sample_batch
 from ..data.corpus import load_corpus, train_val_split
-from ..io.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from ..io.checkpoint import checkpoint_info, has_checkpoint, load_checkpoint, save_checkpoint
+from ..io.files import is_disk_full
 from ..memory.hygiene import with_memory_hygiene
 from ..model.config import ModelConfig
 from ..model.layout import init_params
@@ -36,12 +37,15 @@ from ..parallel.zero import data_parallel
 from ..train.loss_scale import loss_scale_from_spec
 from ..train.parallelism import Parallelism, single_process
 from ..train.precision import get_policy, with_policy
+from ..train.guard import NonFiniteUpdateError
 from ..train.step import TrainState, init_train_state, make_loss_fn, make_train_step
 from .format import format_bytes
 from .interrupt import StopRequest
-from .run import FLAGS, RUN_FORMAT, Resolved, RunFiles, TrainArgs, peak_bytes, prepare_run_dir
+from .records import parse_meta
+from .resume import repair_params, steps_change
+from .run import FLAGS, RUN_FORMAT, Resolved, RunFiles, TrainArgs, peak_bytes, prepare_run_dir, remove_leftovers
 
-__all__ = ["TrainResult", "train", "evaluate", "VAL_SEED"]
+__all__ = ["TrainResult", "train", "evaluate", "build_optimizer", "VAL_SEED"]
 
 VAL_SEED = 1234  # validation batches do not depend on --seed, so runs with different seeds compare
 
@@ -49,7 +53,8 @@ VAL_SEED = 1234  # validation batches do not depend on --seed, so runs with diff
 class TrainResult(NamedTuple):
     """How a run ended."""
 
-    status: str  # "done", "stopped" (at stop_at), "interrupted" (Ctrl-C) or "diverged"
+    status: str  # "done", "stopped" (at stop_at), "complete" (nothing left to train), "interrupted" (SIGINT or
+    # SIGTERM: exit_code tells which) or "diverged"
     step: int  # batches consumed
     val_bpb_start: float | None  # validation bits per byte of the run's first evaluation
     val_bpb: float | None  # ... of its last evaluation
@@ -58,6 +63,7 @@ class TrainResult(NamedTuple):
     peak_bytes: int  # CUDA max_memory_allocated, or the process's peak RSS on the CPU
     run_dir: str
     message: str  # the summary line
+    exit_code: int = 0  # what the command exits with
 
 
 @dataclasses.dataclass
@@ -87,9 +93,11 @@ class _Run:
     step_s: float = 0.0  # seconds spent in steps in this session
     saved_at: int = 0  # step of the newest checkpoint
     step_times: list = dataclasses.field(default_factory=list)  # seconds of each step in this session
+    stop_signal: int = 0  # the exit code of a stop request (130 SIGINT, 143 SIGTERM)
+    failure: str = ""  # why the run stopped early, for the summary
 
 
-def _optimizer(args: TrainArgs, warmup: int):
+def build_optimizer(args: TrainArgs, warmup: int):
     final = args.lr / 10 if args.min_lr is None else args.min_lr
     if args.schedule == "cosine":
         sched = warmup_cosine(args.lr, warmup, args.steps, final=final)
@@ -120,9 +128,19 @@ def evaluate(params: Any, cfg: ModelConfig, policy, batches: list, *, info: Dist
     return float(total / count.clamp(min=1))
 
 
+def _say(info: DistInfo, text: str) -> None:
+    """A line for the person at the terminal (stderr, rank 0)."""
+    if info.rank == 0:
+        print(text, file=sys.stderr, flush=True)
+
+
 def _set_up(args: TrainArgs, cfg: ModelConfig, resolved: Resolved, run_dir: str, device: torch.device,
-            info: DistInfo, *, resume: bool, force: bool) -> _Run:
-    """Data, optimizer, state (fresh or resumed), step and run files: everything before the first step."""
+            info: DistInfo, *, resume: bool, force: bool, config: dict | None) -> _Run:
+    """Data, optimizer, state (fresh or resumed), step and run files: everything before the first step.
+
+    Every argument is checked (the optimizer and the step are built) before the run directory is
+    created or changed.
+    """
     rows_per_microbatch(args.batch_size, resolved.accum_steps, info.world_size, caller="train", names=FLAGS)
     parallel = data_parallel(zero_stage=args.zero_stage) if info.world_size > 1 else None
     on_main = (parallel or single_process()).on_main
@@ -135,49 +153,86 @@ def _set_up(args: TrainArgs, cfg: ModelConfig, resolved: Resolved, run_dir: str,
             raise ValueError(f"train: the corpus's {name} part holds {len(part)} bytes, too few for sequences of "
                              f"{T}; use a longer --corpus or a shorter --seq-len.")
     policy = get_policy(resolved.policy)
-    opt, sched = _optimizer(args, resolved.warmup_steps)
-    state = init_train_state(init_params(cfg, seed=args.seed, device=device), opt, policy=policy, parallel=parallel,
-                             loss_scale=loss_scale_from_spec(resolved.loss_scale, device=device))
-    files = RunFiles(run_dir, main=info.rank == 0)
-    start, skipped, bpb0 = 0, 0, None
-    if resume:
-        if not has_checkpoint(run_dir):
-            raise ValueError(f"train: {run_dir!r} holds no checkpoint to resume (state.json is missing).")
-        state, meta = load_checkpoint(run_dir, state, cfg=cfg, parallel=parallel, optimizer=opt)
-        start, skipped, bpb0 = int(meta["batch_index"]), int(meta["skipped"]), meta.get("val_bpb_start")
-        files.reopen(int(meta["metrics_bytes"]))
-    else:
-        config = {"format": RUN_FORMAT, "format_version": 1, "library_version": __version__,
-                  "model": cfg.to_dict(), "train": dataclasses.asdict(args), "resolved": resolved._asdict()}
-        on_main(lambda: files.start(config, force=force), what="preparing the run directory")
+    opt, sched = build_optimizer(args, resolved.warmup_steps)
     step_fn = make_train_step(cfg, opt, policy=policy, accum_steps=resolved.accum_steps, remat=args.remat,
                               max_grad_norm=args.max_grad_norm or None, loss_chunk=resolved.loss_chunk, donate=True,
                               parallel=parallel, compile=resolved.compile)
     if args.gc_every > 0:
         step_fn = with_memory_hygiene(step_fn, gc_every=args.gc_every, empty_cache=device.type == "cuda",
                                       stats=False)
+    state = init_train_state(init_params(cfg, seed=args.seed, device=device), opt, policy=policy, parallel=parallel,
+                             loss_scale=loss_scale_from_spec(resolved.loss_scale, device=device))
+    files = RunFiles(run_dir, main=info.rank == 0)
+    start, skipped, bpb0, bpb = 0, 0, None, None
+    if resume:
+        if not has_checkpoint(run_dir):
+            raise ValueError(f"train: {run_dir!r} holds no checkpoint to resume (state.json is missing: the run "
+                             "stopped before its first checkpoint); start it again with --force.")
+        record = checkpoint_info(run_dir)
+        meta = parse_meta(record["meta"], run_dir, step=record.get("step"))
+        state, _ = load_checkpoint(run_dir, state, cfg=cfg, parallel=parallel, optimizer=opt)
+        start, skipped, bpb0, bpb = meta["batch_index"], meta["skipped"], meta["val_bpb_start"], meta["val_bpb"]
+        gone = on_main(lambda: remove_leftovers(run_dir), what="removing temporary files") or []
+        if gone:
+            _say(info, f"memopt: removed {len(gone)} temporary file(s) of interrupted writes: {', '.join(gone[:3])}")
+        if "sha256" not in record:
+            _say(info, f"memopt: note: the checkpoint in {run_dir} (step {start}) has no checksum (an earlier version "
+                       "wrote it); its values were checked, its bytes cannot be.")
+        on_main(lambda: repair_params(files, state, cfg, run_dir, lambda text: _say(info, text)),
+                what="checking params.safetensors")
+        files.reopen(meta["metrics_bytes"])
+    else:
+        config = {"format": RUN_FORMAT, "format_version": 1, "library_version": __version__,
+                  "model": cfg.to_dict(), "train": dataclasses.asdict(args), "resolved": resolved._asdict()}
+        on_main(lambda: files.start(config, force=force), what="preparing the run directory")
     val_rows = args.batch_size // resolved.accum_steps  # one micro-batch per rank
     val_batches = [sample_batch(val_data, val_rows, T, seed=VAL_SEED, index=i, device=device)
                    for i in range(args.eval_batches)]
     end = min(args.steps, args.stop_at) if args.stop_at is not None else args.steps
-    return _Run(args, cfg, resolved, run_dir, device, info, parallel, opt, sched, step_fn, state, files, train_data,
-                val_batches, end, start, skipped, bpb0, saved_at=start)
+    run = _Run(args, cfg, resolved, run_dir, device, info, parallel, opt, sched, step_fn, state, files, train_data,
+               val_batches, end, start, skipped, bpb0, bpb, saved_at=start)
+    if resume and config is not None and start < end:
+        _record_steps_change(run, config)
+    return run
+
+
+def _record_steps_change(run: _Run, config: dict) -> None:
+    """A resumed run whose --steps differs: say what happens to the schedule and record it in config.json."""
+    change = steps_change(config, run.args, run.schedule, build_optimizer(
+        dataclasses.replace(run.args, steps=config["train"]["steps"]), run.resolved.warmup_steps)[1],
+        at=run.it, count=int(run.state.step))
+    if change is not None:
+        note, new = change
+        _say(run.info, note)
+        (run.parallel or single_process()).on_main(lambda: run.files.write_config(new), what="updating config.json")
 
 
 def _checkpoint(run: _Run) -> None:
-    run.saved_at = run.it
     meta = {"batch_index": run.it, "skipped": run.skipped, "metrics_bytes": run.files.tell(),
-            "val_bpb_start": run.bpb0}
-    save_checkpoint(run.run_dir, run.state, cfg=run.cfg, meta=meta, parallel=run.parallel, optimizer=run.optimizer)
-    (run.parallel or single_process()).on_main(lambda: run.files.save_params(run.state.params, run.cfg),
-                                               what="writing params.safetensors")
+            "val_bpb_start": run.bpb0, "val_bpb": run.bpb}
+    hint = f" Then continue with: memopt train --resume {run.run_dir}"
+    try:
+        save_checkpoint(run.run_dir, run.state, cfg=run.cfg, meta=meta, parallel=run.parallel,
+                        optimizer=run.optimizer)
+    except OSError as err:
+        raise OSError(err.errno, f"{err.strerror or err}{hint}" if is_disk_full(err) else str(err)) from None
+    run.saved_at = run.it
+    step = int(run.state.step)
+    try:
+        (run.parallel or single_process()).on_main(lambda: run.files.save_params(run.state.params, run.cfg, step),
+                                                   what="writing params.safetensors")
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        raise OSError(err.errno, f"{err.strerror} The checkpoint of step {run.it} was saved; params.safetensors "
+                                 f"is older, and a resume rewrites it.{hint}") from None
 
 
 def _evaluate(run: _Run, bar, quiet: bool) -> float:
     nats = evaluate(run.state.params, run.cfg, get_policy(run.resolved.policy), run.val_batches, info=run.info)
     run.files.record({"kind": "eval", "step": run.it, "val_loss": nats, "val_bpb": nats / math.log(2)})
     if not quiet and run.info.rank == 0:
-        bar.write(f"step {run.it}: validation {nats / math.log(2):.3f} bits/byte", file=sys.stderr)
+        bar.write(f"step {run.it}: validation loss {nats / math.log(2):.3f} bits/byte", file=sys.stderr)
     return nats / math.log(2)
 
 
@@ -195,7 +250,15 @@ def _loop(run: _Run, bar, stop: StopRequest, *, resume: bool, quiet: bool) -> tu
             batch = shard_batch(batch, run.info.rank, run.info.world_size)
         lr = float(run.schedule(int(run.state.step)))
         t0 = time.perf_counter()
-        run.state, m = run.step_fn(run.state, batch)
+        try:
+            run.state, m = run.step_fn(run.state, batch)
+        except NonFiniteUpdateError as err:  # the donated state is unusable: stop, keeping the last checkpoint
+            run.files.record({"kind": "train", "step": run.it + 1, "skipped": True, "nonfinite_update": True,
+                              "leaves": err.leaves[:20], "lr": lr})
+            run.failure = (f"the update of step {run.it + 1} (learning rate {lr:.3g}) would have written inf or nan "
+                           f"into {', '.join(err.leaves[:4])}{' ...' if len(err.leaves) > 4 else ''} from finite "
+                           "gradients, so nothing of it was saved")
+            return "diverged", {}
         vals = {k: float(v) for k, v in m.items()}  # one host sync, which the step made anyway
         run.step_times.append(time.perf_counter() - t0)
         run.step_s += run.step_times[-1]
@@ -205,9 +268,9 @@ def _loop(run: _Run, bar, stop: StopRequest, *, resume: bool, quiet: bool) -> tu
         peak = peak_bytes(run.device)
         run.files.record({"kind": "train", "step": run.it, **vals, "skipped": bool(vals["skipped"]), "lr": lr,
                           "tokens_per_s": run.tokens / run.step_s, "peak_bytes": peak})
-        bar.set_postfix_str(f"loss {vals['loss']:.3f} | {run.tokens / run.step_s:,.0f} tok/s | peak "
-                            f"{format_bytes(peak, unit='MiB', digits=0)} | scale {vals['loss_scale']:g} | "
-                            f"skipped {run.skipped}", refresh=False)
+        bar.set_postfix_str(f"loss {vals['loss'] / math.log(2):.3f} bits/byte | {run.tokens / run.step_s:,.0f} tok/s"
+                            f" | peak {_peak_label(run.device)} {format_bytes(peak, unit='MiB', digits=0)} | scale "
+                            f"{vals['loss_scale']:g} | skipped {run.skipped}", refresh=False)
         bar.update(1)
         if vals["skipped"] and not (dynamic and vals["loss_scale"] > float(run.state.loss_scale.min_loss_scale)):
             return "diverged", vals  # non-finite with no loss scaling left to recover
@@ -216,41 +279,61 @@ def _loop(run: _Run, bar, stop: StopRequest, *, resume: bool, quiet: bool) -> tu
             _checkpoint(run)
     if stop.agreed():  # every rank asks, so all checkpoint or none does
         status = "interrupted"
+        run.stop_signal = stop.exit_code
         _checkpoint(run)
     elif run.end < args.steps:
         status = "stopped"
-    if status in ("done", "stopped") and run.bpb is None:  # a resumed run with no step left to take
-        run.bpb = _evaluate(run, bar, quiet)
     return status, vals
+
+
+def _peak_label(device: torch.device) -> str:
+    """What the bar's peak memory is: the process's resident memory on the CPU, allocated tensors on CUDA."""
+    return "CUDA" if device.type == "cuda" else "RSS"
 
 
 def _summary(run: _Run, status: str, vals: dict, seconds: float) -> TrainResult:
     tps = run.tokens / run.step_s if run.step_s else 0.0
     peak = peak_bytes(run.device)
+    code = 0
     if status == "diverged":
-        message = (f"memopt: error: train: the loss became non-finite at step {run.it} ({vals['loss']}) under "
-                   f"policy {run.resolved.policy} with no loss scaling left to recover; stopped. The last good "
-                   f"checkpoint (step {run.saved_at}) is kept in {run.run_dir}. Lower --lr (now {run.args.lr:g}) "
-                   "or --max-grad-norm, or use another --policy.")
+        what = run.failure or (f"the loss became non-finite at step {run.it} ({vals['loss']}) under policy "
+                               f"{run.resolved.policy} with no loss scaling left to recover")
+        message = (f"memopt: error: train: {what}; stopped. The last good checkpoint (step {run.saved_at}) is kept in "
+                   f"{run.run_dir}. Lower --lr (now {run.args.lr:g}) or --max-grad-norm, or use another --policy.")
+        code = 1
     elif status == "interrupted":
-        message = (f"memopt: interrupted at step {run.it}; checkpoint saved in {run.run_dir}. "
+        by = "SIGTERM" if run.stop_signal == 143 else "Ctrl-C"
+        message = (f"memopt: interrupted at step {run.it} by {by}; checkpoint saved in {run.run_dir}. "
                    f"Continue with: memopt train --resume {run.run_dir}")
+        code = run.stop_signal or 130
+    elif status == "complete":
+        at = f" (validation {run.bpb:.3f} bits/byte)" if run.bpb is not None else ""
+        if run.it >= run.args.steps:
+            message = (f"memopt: the run in {run.run_dir} is already complete at step {run.it}/{run.args.steps}{at}; "
+                       f"nothing to train. To train longer, pass a larger --steps: memopt train --resume "
+                       f"{run.run_dir} --steps {2 * run.args.steps}")
+        else:
+            message = (f"memopt: the run in {run.run_dir} is already at step {run.it}, at or past --stop-at "
+                       f"{run.args.stop_at}{at}; nothing to train. Leave out --stop-at to go on to step "
+                       f"{run.args.steps}.")
     else:
         ranks = (f" on {run.info.world_size} ranks (ZeRO stage {run.parallel.zero_stage})"
                  if run.parallel is not None else "")
         before = f"{run.bpb0:.3f} -> " if run.bpb0 is not None else ""
+        threads = f" on {torch.get_num_threads()} CPU thread(s)" if run.device.type == "cpu" else ""
         if run.resolved.compile and len(run.step_times) > 1:  # the first step compiles
-            ranks += f", compiling {run.step_times[0] - sorted(run.step_times[1:])[len(run.step_times[1:]) // 2]:.1f} s"
-        message = (f"memopt: {status} at step {run.it}/{run.args.steps} in {seconds:.1f} s{ranks}, {tps:,.0f} "
-                   f"tokens/s, validation {before}{run.bpb:.3f} bits/byte, peak memory "
-                   f"{format_bytes(peak, unit='MiB', digits=0)}, skipped {run.skipped}; run directory "
-                   f"{run.run_dir} (sample with: memopt sample {run.run_dir})")
-    return TrainResult(status, run.it, run.bpb0, run.bpb, seconds, tps, peak, run.run_dir, message)
+            threads += f", compiling {run.step_times[0] - sorted(run.step_times[1:])[len(run.step_times[1:]) // 2]:.1f} s"
+        message = (f"memopt: {status} at step {run.it}/{run.args.steps} in {seconds:.1f} s{ranks}{threads}, "
+                   f"{tps:,.0f} tokens/s, validation loss {before}{run.bpb:.3f} bits/byte, peak "
+                   f"{_peak_label(run.device)} {format_bytes(peak, unit='MiB', digits=0)}, skipped {run.skipped}; "
+                   f"run directory {run.run_dir} (sample with: memopt sample {run.run_dir})")
+    return TrainResult(status, run.it, run.bpb0, run.bpb, seconds, tps, peak, run.run_dir, message, code)
 
 
 def train(
     args: TrainArgs, cfg: ModelConfig, resolved: Resolved, run_dir: str, device: torch.device,
     *, resume: bool = False, force: bool = False, quiet: bool = False, info: DistInfo | None = None,
+    config: dict | None = None, header: str | None = None,
 ) -> TrainResult:
     """Run (or resume) training into ``run_dir``; see the module docstring for what it writes.
 
@@ -265,6 +348,9 @@ def train(
             of the default process group, or one process without one). ``args.batch_size`` is the
             global batch, split evenly over the ranks, and ``resolved.accum_steps`` counts each
             rank's micro-batches.
+        config: on resume, the run's config.json as read: a different ``args.steps`` is then said
+            and recorded there (``steps_history``).
+        header: a line printed (stderr, rank 0) once the set-up has succeeded, e.g. the threads chosen.
 
     Returns:
         A TrainResult (the same on every rank); progress goes to stderr from rank 0, and nothing is
@@ -274,7 +360,12 @@ def train(
 
     t_start = time.perf_counter()
     info = info or DistInfo(*world(), 0, device)  # the default process group, if the caller made one
-    run = _set_up(args, cfg, resolved, run_dir, device, info, resume=resume, force=force)
+    run = _set_up(args, cfg, resolved, run_dir, device, info, resume=resume, force=force, config=config)
+    if header:
+        _say(info, header)
+    if resume and run.it >= run.end:  # nothing left to train: no step, no evaluation, no metrics row
+        run.files.close()
+        return _summary(run, "complete", {}, time.perf_counter() - t_start)
     bar = tqdm(total=run.end, initial=run.it, desc="train", unit="step", disable=quiet or info.rank != 0,
                dynamic_ncols=True, file=sys.stderr)
     try:

@@ -251,5 +251,8 @@ def memory_command(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(_to_json(rows, meta), f, indent=1, default=str)
     if args.chart:
-        plot_ablation(rows, args.chart, title=f"Predicted peak by item, measured peak as markers\n{title}")
+        measured = any(r["measurement"] is not None for r in rows)
+        what = "Predicted peak by item, measured peak as markers" if measured else "Predicted peak by item (not measured)"
+        plot_ablation(rows, args.chart, title=f"{what}\n{title}")
+        print(f"memopt: chart written to {args.chart}")
     return 0

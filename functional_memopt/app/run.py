@@ -18,7 +18,8 @@ from typing import Any, NamedTuple
 import torch
 
 from ..data.batch import rows_per_microbatch
-from ..io.files import atomic_write_json
+from ..io.checkpoint import TEMPORARY_TARGETS
+from ..io.files import atomic_write_json, check_json_seal, leftovers
 from ..io.params import save_params
 from ..memory.ledger import choose_loss_chunk
 from ..memory.rss import rss_peak
@@ -29,12 +30,14 @@ from ..train.precision import get_policy
 
 __all__ = [
     "RUN_FORMAT", "CPU_DEFAULT_POLICY", "TrainArgs", "Resolved", "resolve_args", "resolve_device", "resolve_threads",
-    "RunFiles", "read_run_config", "prepare_run_dir", "peak_bytes",
+    "RunFiles", "read_run_config", "prepare_run_dir", "peak_bytes", "choose_threads", "remove_leftovers",
+    "PARAMS_FILE", "TEMPORARY_RUN_FILES",
 ]
 
 RUN_FORMAT = "functional_memopt.run"
 FLAGS = ("--batch-size", "--accum-steps")  # how the command names the batch size and accumulation steps
 _RUN_FILES = ("config.json", "metrics.jsonl", "params.safetensors", "state.json")
+PARAMS_FILE = "params.safetensors"
 # On the CPU "auto" takes the policy measured fastest for the tiny preset (batch 32 = 4 x 8,
 # sequence 128) on a 2-core AVX-512 machine with bf16 instructions; without bf16 instructions
 # bf16 matmuls are emulated, so fp32 is taken there.
@@ -116,19 +119,27 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def resolve_threads(spec: str) -> int:
-    """CPU threads of ``--threads``: a number, or auto (the idle cores, shared by the ranks on this machine)."""
+def choose_threads(spec: str) -> tuple[int, str]:
+    """``(threads, why)`` for ``--threads``: a number, or auto (the idle cores, shared by the ranks on this machine)."""
     if spec != "auto":
         if not spec.isdigit() or int(spec) < 1:
             raise ValueError(f"train: --threads must be auto or an integer >= 1, got {spec!r}.")
-        return int(spec)
+        return int(spec), "--threads"
     cores = torch.get_num_threads()
     try:  # threads beyond the idle cores spin against other processes (measured 7x slower)
-        busy = int(os.getloadavg()[0])
+        load = os.getloadavg()[0]
     except (OSError, AttributeError):
-        busy = 0
+        load = 0.0
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes on this machine share the cores
-    return max(1, min(cores, ((os.cpu_count() or cores) - busy) // ranks_here))
+    n = max(1, min(cores, ((os.cpu_count() or cores) - int(load)) // ranks_here))
+    shared = f", shared by {ranks_here} ranks" if ranks_here > 1 else ""
+    return n, (f"auto: {os.cpu_count() or cores} cores, load average {load:.1f}, so {n} idle{shared}; "
+               "pass --threads N to choose")
+
+
+def resolve_threads(spec: str) -> int:
+    """CPU threads of ``--threads``: a number, or auto (the idle cores, shared by the ranks on this machine)."""
+    return choose_threads(spec)[0]
 
 
 def resolve_args(args: TrainArgs, device: torch.device, world_size: int = 1):
@@ -182,8 +193,18 @@ def resolve_args(args: TrainArgs, device: torch.device, world_size: int = 1):
         raise ValueError(f"train: --warmup-steps must be between 0 and --steps ({args.steps}), got {warmup}.")
     if args.gc_every < 0:
         raise ValueError(f"train: --gc-every must be >= 0, got {args.gc_every}.")
-    if args.max_grad_norm < 0:
-        raise ValueError(f"train: --max-grad-norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}.")
+    if not args.max_grad_norm >= 0 or not math.isfinite(args.max_grad_norm):
+        raise ValueError(f"train: --max-grad-norm must be a finite number >= 0 (0 turns clipping off), got "
+                         f"{args.max_grad_norm}.")
+    for flag, value, ok, want in (("--lr", args.lr, lambda v: v >= 0, ">= 0"),
+                                  ("--min-lr", args.min_lr, lambda v: v is None or v >= 0, ">= 0"),
+                                  ("--weight-decay", args.weight_decay, lambda v: v >= 0, ">= 0"),
+                                  ("--beta1", args.beta1, lambda v: 0 <= v < 1, "in [0, 1)"),
+                                  ("--beta2", args.beta2, lambda v: 0 <= v < 1, "in [0, 1)")):
+        if not ok(value) or (value is not None and not math.isfinite(value)):
+            raise ValueError(f"train: {flag} must be a finite number {want}, got {value}.")
+    if args.eval_batches < 1:
+        raise ValueError(f"train: --eval-batches must be >= 1, got {args.eval_batches}.")
     interval = args.eval_interval or max(1, args.steps // 6)
     return cfg, Resolved(policy, loss_scale, accum, seq_len, warmup, interval, resolve_threads(args.threads), loss_chunk,
                          compiled)
@@ -203,6 +224,7 @@ def read_run_config(run_dir: str) -> dict:
         raise ValueError(f"train: {path!r} is not valid JSON ({err}); the run directory is damaged.") from None
     if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
         raise ValueError(f"train: {path!r} is not a memopt run config (no format {RUN_FORMAT!r}).")
+    check_json_seal(record, caller="train", path=path)
     return record
 
 
@@ -211,6 +233,10 @@ def prepare_run_dir(run_dir: str, *, force: bool, dry_run: bool = False) -> None
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ValueError(f"train: the run directory {run_dir!r} is a file; choose another --run-dir.")
     entries = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    if entries and not set(entries) - set(leftovers(run_dir, TEMPORARY_RUN_FILES)):  # what a killed start left
+        if not dry_run:
+            remove_leftovers(run_dir)
+        entries = []
     if entries and not force:
         raise ValueError(
             f"train: the run directory {run_dir!r} already exists and is not empty; pass --force to "
@@ -218,6 +244,7 @@ def prepare_run_dir(run_dir: str, *, force: bool, dry_run: bool = False) -> None
         )
     if entries:
         ours = set(_RUN_FILES) | {e for e in entries if e.startswith("state-") and e.endswith(".safetensors")}
+        ours |= set(leftovers(run_dir, TEMPORARY_RUN_FILES))
         if "config.json" not in entries or set(entries) - ours - {e for e in entries if e.startswith(".")}:
             raise ValueError(
                 f"train: {run_dir!r} holds files that are not a memopt run ({sorted(set(entries) - ours)[:5]}); "
@@ -233,8 +260,26 @@ def prepare_run_dir(run_dir: str, *, force: bool, dry_run: bool = False) -> None
         os.makedirs(run_dir, exist_ok=True)
 
 
+TEMPORARY_RUN_FILES = (*TEMPORARY_TARGETS, "config.json", PARAMS_FILE)  # the targets whose leftovers a run may remove
+
+
+def remove_leftovers(run_dir: str) -> list[str]:
+    """Remove the temporary files that interrupted writes of this project's run files left; returns their names.
+
+    Only names of the form ``.<run file>.<random>.tmp`` (see ``io.files.leftovers``) are touched.
+    """
+    gone = []
+    for name in leftovers(run_dir, TEMPORARY_RUN_FILES):
+        try:
+            os.unlink(os.path.join(run_dir, name))
+            gone.append(name)
+        except OSError:
+            pass
+    return gone
+
+
 def _write_json(path: str, record: dict) -> None:
-    atomic_write_json(path, record, caller="train", indent=2)
+    atomic_write_json(path, record, caller="train", indent=2, seal=True)
 
 
 class RunFiles:
@@ -286,15 +331,20 @@ class RunFiles:
         self._log.flush()
         return self._log.tell()
 
-    def save_params(self, params: Any, cfg: ModelConfig) -> None:
-        """params.safetensors in fp16 (fp32 when a value is beyond fp16's range)."""
+    def save_params(self, params: Any, cfg: ModelConfig, step: int) -> None:
+        """params.safetensors in fp16 (fp32 when a value is beyond fp16's range), recording ``step``."""
         if not self.main:
             return
-        path = os.path.join(self.run_dir, "params.safetensors")
+        path = os.path.join(self.run_dir, PARAMS_FILE)
         try:
-            save_params(path, params, cfg, dtype=torch.float16)
+            save_params(path, params, cfg, dtype=torch.float16, step=step)
         except ValueError:  # a value beyond fp16's range: keep the params whole
-            save_params(path, params, cfg, dtype=torch.float32)
+            save_params(path, params, cfg, dtype=torch.float32, step=step)
+
+    def write_config(self, config: dict) -> None:
+        """Replace config.json (a resumed run whose --steps changed records it)."""
+        if self.main:
+            _write_json(os.path.join(self.run_dir, "config.json"), config)
 
     def close(self) -> None:
         if self._log is not None:

@@ -14,6 +14,7 @@ import torch
 __all__ = [
     "IGNORE_INDEX",
     "Batch",
+    "check_batch",
     "token_weights",
     "token_count",
     "rows_per_microbatch",
@@ -39,6 +40,65 @@ class Batch(NamedTuple):
     def size(self) -> int:
         """Rows in the batch."""
         return int(self.tokens.shape[0])
+
+
+def check_batch(batch, *, vocab_size: int | None = None, block_size: int | None = None,
+                caller: str = "check_batch") -> None:
+    """Raise TypeError / ValueError, naming the field and the fix, for a batch the model's loss cannot take.
+
+    Checks every field's type, dtype and (B, T) shape, T against ``block_size`` and the ids against
+    ``vocab_size`` (targets may also be IGNORE_INDEX). The id range costs one host sync; the rest
+    reads only shapes and dtypes.
+
+    Args:
+        batch: a :class:`Batch` (or any object with its fields).
+        vocab_size, block_size: the model's (None: not checked).
+        caller: the name at the start of error messages.
+
+    Example:
+        >>> check_batch(Batch(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)), vocab_size=8)
+    """
+    tokens, targets = getattr(batch, "tokens", None), getattr(batch, "targets", None)
+    for name, x in (("tokens", tokens), ("targets", targets)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{caller}: batch.{name} must be a (B, T) int64 tensor of token ids, got "
+                            f"{type(x).__name__}; build batches with Batch(tokens, targets, ...).")
+        if x.dtype != torch.long:
+            raise TypeError(f"{caller}: batch.{name} must hold int64 token ids, got dtype {x.dtype}; convert with "
+                            f"{name}.long() (ids are whole numbers in [0, vocab_size)).")
+    if tokens.dim() != 2:
+        raise ValueError(f"{caller}: batch.tokens must have shape (B, T), got {tuple(tokens.shape)}; add a batch "
+                         "dimension with tokens[None] for a single sequence.")
+    B, T = tokens.shape
+    if block_size is not None and T > block_size:
+        raise ValueError(f"{caller}: batch.tokens has {T} positions, more than the model's block_size {block_size}; "
+                         f"cut the sequences to at most {block_size} tokens or use a model with a larger block_size.")
+    for name in ("targets", "mask", "attention_mask", "segment_ids"):
+        x = getattr(batch, name, None)
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{caller}: batch.{name} must be None or a ({B}, {T}) tensor, got {type(x).__name__}.")
+        if tuple(x.shape) != (B, T):
+            raise ValueError(f"{caller}: batch.{name} has shape {tuple(x.shape)}, but batch.tokens has ({B}, {T}); "
+                             f"give every field of the batch the tokens' shape (B, T).")
+        if x.device != tokens.device:
+            raise ValueError(f"{caller}: batch.{name} is on {x.device} but batch.tokens on {tokens.device}; move the "
+                             "whole batch to one device.")
+        if name == "segment_ids" and (x.is_floating_point() or x.dtype == torch.bool):
+            raise TypeError(f"{caller}: batch.segment_ids must hold integer document ids, got dtype {x.dtype}.")
+        if x.is_complex():
+            raise TypeError(f"{caller}: batch.{name} must be real, got dtype {x.dtype}.")
+    if vocab_size is None or not tokens.numel():
+        return
+    counted = torch.where(targets == IGNORE_INDEX, 0, targets)
+    lo, hi, tlo, thi = torch.stack([*torch.aminmax(tokens), *torch.aminmax(counted)]).tolist()  # one host sync
+    for name, low, high in (("tokens", lo, hi), ("targets", tlo, thi)):
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            extra = f" or IGNORE_INDEX ({IGNORE_INDEX})" if name == "targets" else ""
+            raise ValueError(f"{caller}: batch.{name} holds the id {bad}, outside [0, vocab_size={vocab_size}){extra}; "
+                             "check that the tokenizer matches the model's vocabulary.")
 
 
 def token_weights(targets: torch.Tensor, mask: torch.Tensor | None = None, *,

@@ -17,6 +17,12 @@ TrainState made by ``init_train_state`` for the same config, optimizer and loss 
 of an optimizer's state is a property of its code; a pickled treedef would tie files to class
 paths and be unsafe to open.) ``state.json`` lists every key with its dtype and shape, so a
 checkpoint of another configuration is refused key by key.
+
+Verified on load: ``state.json``'s own sha256 (``json_sha256``) and its fields by type and range; the tensor file's sha256, recorded in
+``state.json`` (and sealed into the file itself), before any tensor is read; then the values:
+finite, and the state's invariants (``invariants.check_state``: optimizer counts equal ``step``,
+second moments >= 0, a consistent loss scale). A checkpoint written before checksums existed (no
+``sha256`` field) still loads: its values are checked, its bytes cannot be.
 """
 
 from __future__ import annotations
@@ -30,14 +36,15 @@ from typing import Any
 
 import optree
 import torch
-from safetensors.torch import save_file
 
 from .._dtypes import dtype_name
 from .._tree import tree_flatten_with_paths, tree_from_paths
 from .._version import __version__
 from ..model.config import ModelConfig
 from ..model.layout import check_params
-from .files import atomic_write, atomic_write_json, check_finite, open_safetensors
+from .files import atomic_write_json, check_finite, check_json_seal, is_disk_full, leftovers, write_phase
+from .invariants import check_state
+from .tensor_files import atomic_save_safetensors, open_safetensors
 
 __all__ = [
     "save_checkpoint",
@@ -48,12 +55,15 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "STATE_JSON",
+    "TEMPORARY_TARGETS",
 ]
 
 CHECKPOINT_FORMAT = "functional_memopt.checkpoint"
 CHECKPOINT_VERSION = 1  # bump when the layout changes; readers refuse newer versions
 STATE_JSON = "state.json"
 _TENSOR_FILE = re.compile(r"^state-\d+-[0-9a-f]+\.safetensors$")
+TEMPORARY_TARGETS = (STATE_JSON, re.compile(r"state-\d+-[0-9a-f]+\.safetensors"))  # what leftovers may be of
+_HEX = re.compile(r"^[0-9a-f]+$")
 _SHOWN = 8  # keys listed per category in a mismatch message
 
 
@@ -63,7 +73,7 @@ def _listing(keys: list[str]) -> str:
 
 
 def _write_json(path: str, record: dict) -> None:
-    atomic_write_json(path, record, caller="save_checkpoint", indent=1)
+    atomic_write_json(path, record, caller="save_checkpoint", indent=1, seal=True)
 
 
 def save_checkpoint(run_dir: str | os.PathLike, state: Any, *, cfg: ModelConfig, meta: dict | None = None,
@@ -109,7 +119,8 @@ def save_checkpoint(run_dir: str | os.PathLike, state: Any, *, cfg: ModelConfig,
     bad = [k for k, v in flat.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise TypeError(f"save_checkpoint: every leaf must be a tensor; not tensors: {_listing(bad)}.")
-    check_finite({k: v.detach() for k, v in flat.items()}, caller="save_checkpoint", source="the state")
+    check_finite({k: v.detach() for k, v in flat.items()}, caller="save_checkpoint",
+                 source="the state to save (nothing was written; a previous checkpoint is kept)")
     tensors, seen = {}, set()
     for k, v in flat.items():
         t = v.detach().contiguous()
@@ -123,8 +134,12 @@ def save_checkpoint(run_dir: str | os.PathLike, state: Any, *, cfg: ModelConfig,
     tensor_path = os.path.join(run_dir, name)
     file_meta = {
         "format": "pt", "functional_memopt.format": CHECKPOINT_FORMAT, "functional_memopt.checkpoint_id": ckpt_id,
+        "functional_memopt.step": str(step),
     }
-    atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp, metadata=file_meta), caller="save_checkpoint")
+    try:
+        digest = atomic_save_safetensors(tensor_path, tensors, file_meta, caller="save_checkpoint", kind="checkpoint")
+    except OSError as err:
+        raise _kept(err, run_dir) from None
     record = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
@@ -132,6 +147,7 @@ def save_checkpoint(run_dir: str | os.PathLike, state: Any, *, cfg: ModelConfig,
         "id": ckpt_id,
         "tensors": name,
         "bytes": os.path.getsize(tensor_path),
+        "sha256": digest,
         "step": step,
         "config": cfg.to_dict(),
         "leaves": {k: [dtype_name(v.dtype), list(v.shape)] for k, v in flat.items()},
@@ -139,14 +155,30 @@ def save_checkpoint(run_dir: str | os.PathLike, state: Any, *, cfg: ModelConfig,
         "meta": json.loads(meta_text),
     }
     json_path = os.path.join(run_dir, STATE_JSON)
-    _write_json(json_path, record)  # the commit point
-    for other in os.listdir(run_dir):  # tensor files of older checkpoints, and leftovers of crashes
-        leftover = other.startswith(".state-") and other.endswith(".tmp")
-        stale = (_TENSOR_FILE.match(other) and other != name) or leftover
-        if stale:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(run_dir, other))
+    try:
+        _write_json(json_path, record)  # the commit point
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tensor_path)  # named by no state.json
+        raise _kept(err, run_dir) from None
+    write_phase("checkpoint", "committed", json_path)
+    stale = [e for e in os.listdir(run_dir) if _TENSOR_FILE.match(e) and e != name]
+    for other in stale + leftovers(run_dir, TEMPORARY_TARGETS):  # older tensor files, crash leftovers
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(run_dir, other))
     return json_path
+
+
+def _kept(err: OSError, run_dir: str) -> OSError:
+    """A failed save's error, saying which checkpoint is still in place."""
+    if not is_disk_full(err):
+        return err
+    try:
+        kept = f"the previous checkpoint (step {checkpoint_info(run_dir)['step']}) is intact"
+    except (OSError, ValueError, KeyError):
+        kept = "no earlier checkpoint was there"
+    text = str(err.strerror or err).removeprefix("save_checkpoint: ")
+    return OSError(err.errno, f"save_checkpoint: {text.rstrip('.')}; {kept} in {run_dir!r}.")
 
 
 def has_checkpoint(run_dir: str | os.PathLike) -> bool:
@@ -169,16 +201,49 @@ def checkpoint_info(run_dir: str | os.PathLike) -> dict:
         raise ValueError(f"load_checkpoint: {path!r} is corrupted, not valid JSON ({err}).") from None
     if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"load_checkpoint: {path!r} is not a functional_memopt checkpoint record.")
+    check_json_seal(record, caller="load_checkpoint", path=path)
     version = record.get("format_version")
     if not isinstance(version, int) or version > CHECKPOINT_VERSION:
         raise ValueError(
             f"load_checkpoint: {path!r} has format version {version!r}; this functional_memopt "
             f"({__version__}) reads versions up to {CHECKPOINT_VERSION}. Upgrade functional_memopt."
         )
-    for key in ("tensors", "id", "leaves", "config", "meta"):
-        if key not in record:
-            raise ValueError(f"load_checkpoint: {path!r} is corrupted: the field {key!r} is missing.")
+    _check_record(record, path)
     return record
+
+
+def _check_record(record: dict, path: str) -> None:
+    """Every field of a state.json by type and range; ValueError naming the first bad one."""
+
+    def bad(key: str, want: str) -> ValueError:
+        got = record.get(key, None)
+        what = "is missing" if key not in record else f"is {got!r}" if len(repr(got)) < 80 else f"is a {type(got).__name__}"
+        return ValueError(f"load_checkpoint: {path!r} is damaged: the field {key!r} {what}, expected {want}; "
+                          "restore the run directory from a copy or start a new run.")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    checks = {
+        "tensors": (lambda v: isinstance(v, str) and bool(_TENSOR_FILE.match(v)), "a file name state-<step>-<id>.safetensors"),
+        "id": (lambda v: isinstance(v, str) and bool(_HEX.match(v)), "a hexadecimal id"),
+        "leaves": (lambda v: isinstance(v, dict) and all(
+            isinstance(x, list) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], list)
+            and all(is_int(d) and d >= 0 for d in x[1]) for x in v.values()), "{key: [dtype, shape]}"),
+        "config": (lambda v: isinstance(v, dict), "a JSON object (the model config)"),
+        "meta": (lambda v: isinstance(v, dict), "a JSON object"),
+        "step": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    }
+    for key, (ok, want) in checks.items():
+        if key == "step" and key not in record:
+            continue  # optional for any pytree; a TrainState's step is also a leaf
+        if not ok(record.get(key)):
+            raise bad(key, want)
+    if "sha256" in record and not (isinstance(record["sha256"], str) and len(record["sha256"]) == 64
+                                   and _HEX.match(record["sha256"])):
+        raise bad("sha256", "64 hexadecimal digits")
+    if "bytes" in record and not (is_int(record["bytes"]) and record["bytes"] >= 0):
+        raise bad("bytes", "an integer >= 0")
 
 
 def _config_of(record: dict, run_dir: str) -> ModelConfig:
@@ -190,7 +255,8 @@ def _config_of(record: dict, run_dir: str) -> ModelConfig:
 
 def _read_tensors(run_dir: str, record: dict, keys: list[str], device_of: dict) -> dict[str, torch.Tensor]:
     path = os.path.join(run_dir, os.path.basename(record["tensors"]))
-    with open_safetensors(path, caller="load_checkpoint") as f:
+    what = f"the tensor file of the checkpoint at step {record.get('step', '?')}"
+    with open_safetensors(path, caller="load_checkpoint", expected_digest=record.get("sha256"), what=what) as f:
         if (f.metadata() or {}).get("functional_memopt.checkpoint_id") != record["id"]:
             raise ValueError(
                 f"load_checkpoint: {path!r} does not belong to {STATE_JSON} (checkpoint ids differ); "
@@ -262,8 +328,10 @@ def load_checkpoint(
         )
     devices = {k: v.device for k, v in flat_like.items()}
     flat = _read_tensors(run_dir, record, list(want), devices)
-    check_finite(flat, caller="load_checkpoint", source=f"the checkpoint in {run_dir!r}")
+    source = f"the checkpoint in {run_dir!r} (step {record.get('step', '?')})"
+    check_finite(flat, caller="load_checkpoint", source=source)
     state = optree.tree_unflatten(optree.tree_structure(like), [flat[k] for k in want])
+    check_state(state, caller="load_checkpoint", source=source)
     return state, dict(record["meta"])
 
 

@@ -20,7 +20,8 @@ from .._dtypes import parse_dtype
 from .._tree import tree_flatten_with_paths, tree_from_paths
 from ..model.config import ModelConfig
 from ..model.layout import check_params, check_shapes
-from .files import atomic_save_safetensors, atomic_write, check_finite, open_safetensors
+from .files import atomic_write, check_finite, check_fits_in_memory
+from .tensor_files import atomic_save_safetensors, declared_bytes, open_safetensors, read_header
 from .params import STORED_DTYPES, prepare_tensors
 
 __all__ = [
@@ -211,15 +212,44 @@ def gpt2_state_dict_from_params(params: dict, cfg: ModelConfig, *, prefix: str =
     }
 
 
+def _shards(directory: str, index: str) -> list[str]:
+    """The shard files an index names, each checked to be a file name inside ``directory``."""
+    name = os.path.basename(index)
+    try:
+        with open(index, encoding="utf-8") as f:
+            record = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"load_gpt2: {index!r} is not valid JSON ({err}).") from None
+    weight_map = record.get("weight_map") if isinstance(record, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(
+            f"load_gpt2: {name} in {directory!r} has no weight_map (a JSON object from tensor names to shard "
+            "files); the index is damaged. Restore it, or save the model again with save_pretrained."
+        )
+    bad = [v for v in weight_map.values() if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"load_gpt2: {name} in {directory!r} maps a tensor to {bad[0]!r}, not a shard file name; "
+                         "the index is damaged.")
+    root = os.path.realpath(directory)
+    shards = []
+    for shard in sorted(set(weight_map.values())):
+        target = os.path.realpath(os.path.join(root, shard))  # symbolic links resolved too
+        if os.path.isabs(shard) or os.path.dirname(target) != root or not shard.endswith(".safetensors"):
+            raise ValueError(
+                f"load_gpt2: {name} in {directory!r} names the shard {shard!r}, which is not a .safetensors file "
+                "inside that directory; shard paths must be plain file names there (nothing was read)."
+            )
+        shards.append(target)
+    return shards
+
+
 def _weight_files(directory: str) -> list[str]:
     single = os.path.join(directory, "model.safetensors")
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(single):
         return [single]
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(directory, s) for s in shards]
+        return _shards(directory, index)
     names = sorted(os.listdir(directory))
     if any(n.endswith(".bin") for n in names):
         raise ValueError(
@@ -259,9 +289,16 @@ def load_gpt2(
         raise ValueError(f"load_gpt2: {config_path!r} is not valid JSON ({err}).") from None
     flat, head, source = {}, None, repr(directory)
     files = _weight_files(directory)
+    declared = 0
+    for path in files:  # the bound on all shards together, before any tensor is read
+        try:
+            declared += declared_bytes(read_header(path)[1], itemsize=dtype.itemsize)
+        except (OSError, ValueError):
+            pass  # open_safetensors below reports the unreadable file by name
+    check_fits_in_memory(declared, caller="load_gpt2", source=repr(directory))
     shapes, where = {}, {}
     for path in files:
-        with open_safetensors(path, caller="load_gpt2") as f:
+        with open_safetensors(path, caller="load_gpt2", itemsize=dtype.itemsize) as f:
             for k in f.keys():
                 shapes[k], where[k] = tuple(f.get_slice(k).get_shape()), path
     mapping, head_key = _plan(shapes, cfg, caller="load_gpt2", source=source)

@@ -2,8 +2,10 @@
 
 Keys are the tree's dotted paths ("h.0.attn.c_attn.weight"); the tied leaf ``wte`` is one key,
 serving as embedding and output head. The metadata holds the config as JSON, the stored dtype and
-the format's name and version, so a file alone rebuilds the model. Half precision (fp16 by
-default) halves the file; loading returns fp32 masters unless asked otherwise.
+the format's name and version, so a file alone rebuilds the model, and optionally the training
+step the params come from (a run directory's ``params.safetensors`` is compared with its newest
+checkpoint by it). Half precision (fp16 by default) halves the file; loading returns fp32 masters
+unless asked otherwise. Files are sealed with their sha256 and verified on load (``tensor_files``).
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from .._tree import tree_flatten_with_paths, tree_from_paths
 from .._version import __version__
 from ..model.config import ModelConfig
 from ..model.layout import check_params, check_shapes, param_shapes
-from .files import atomic_save_safetensors, check_finite, check_folder, magnitudes, open_safetensors
+from .files import check_finite, check_folder, magnitudes
+from .tensor_files import atomic_save_safetensors, open_safetensors, read_header
 
-__all__ = ["save_params", "load_params", "prepare_tensors", "FORMAT_NAME", "FORMAT_VERSION", "STORED_DTYPES"]
+__all__ = ["save_params", "load_params", "params_file_info", "prepare_tensors", "FORMAT_NAME", "FORMAT_VERSION",
+           "STORED_DTYPES"]
 
 FORMAT_NAME = "functional_memopt.params"  # metadata "functional_memopt.format"
 FORMAT_VERSION = 1  # bump when the layout changes; readers refuse newer versions
@@ -68,7 +72,8 @@ def prepare_tensors(flat: dict[str, torch.Tensor], dtype: torch.dtype, *, caller
     return out
 
 
-def save_params(path: str | os.PathLike, params: dict, cfg: ModelConfig, *, dtype: torch.dtype | str = torch.float16) -> None:
+def save_params(path: str | os.PathLike, params: dict, cfg: ModelConfig, *, dtype: torch.dtype | str = torch.float16,
+                step: int | None = None) -> None:
     """Write ``params`` and ``cfg`` to one safetensors file, atomically.
 
     Args:
@@ -78,6 +83,7 @@ def save_params(path: str | os.PathLike, params: dict, cfg: ModelConfig, *, dtyp
         cfg: the model config, stored as JSON in the metadata.
         dtype: stored dtype, torch.float16 (default), torch.bfloat16 or torch.float32 (or "fp16",
             "bf16", "fp32"). Values beyond fp16's range (|x| > 65504) need bf16 or fp32.
+        step: the training step these params come from, stored in the metadata (None: not recorded).
 
     Example:
         >>> cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32)
@@ -85,6 +91,8 @@ def save_params(path: str | os.PathLike, params: dict, cfg: ModelConfig, *, dtyp
         >>> params, cfg = load_params("model.safetensors")  # doctest: +SKIP
     """
     dtype = parse_dtype(dtype, caller="save_params", allowed=STORED_DTYPES)
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise ValueError(f"save_params: step must be None or an int >= 0, got {step!r}.")
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"save_params: cfg must be a ModelConfig, got {type(cfg).__name__}.")
     path = os.fspath(path)
@@ -102,6 +110,8 @@ def save_params(path: str | os.PathLike, params: dict, cfg: ModelConfig, *, dtyp
         "functional_memopt.config": json.dumps(cfg.to_dict(), sort_keys=True),
         "functional_memopt.dtype": dtype_name(dtype),
     }
+    if step is not None:
+        metadata["functional_memopt.step"] = str(step)
     atomic_save_safetensors(path, tensors, metadata, caller="save_params")
 
 
@@ -145,7 +155,7 @@ def load_params(
     """
     dtype = torch.float32 if dtype is None else parse_dtype(dtype, caller="load_params", allowed=STORED_DTYPES)
     path = os.fspath(path)
-    with open_safetensors(path, caller="load_params") as f:
+    with open_safetensors(path, caller="load_params", itemsize=dtype.itemsize) as f:
         cfg = _config_from_metadata(f.metadata() or {}, path)
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         check_shapes(shapes, cfg, caller="load_params", source=repr(path))
@@ -154,3 +164,29 @@ def load_params(
     params = tree_from_paths(flat)
     check_params(params, cfg)
     return params, cfg
+
+
+def params_file_info(path: str | os.PathLike) -> dict:
+    """What a params file's header says, without reading (or verifying) a tensor.
+
+    Returns:
+        ``{"step": int or None, "dtype": str or None, "config": dict or None}``; ValueError when the
+        file is not a readable safetensors file.
+
+    Example:
+        >>> params_file_info("runs/demo/params.safetensors")["step"]  # doctest: +SKIP
+        420
+    """
+    path = os.fspath(path)
+    try:
+        _, header = read_header(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"params_file_info: {path!r} is not a readable safetensors file ({err}).") from None
+    meta = header.get("__metadata__") or {}
+    step = meta.get("functional_memopt.step")
+    try:
+        config = json.loads(meta["functional_memopt.config"])
+    except (KeyError, TypeError, ValueError):
+        config = None
+    return {"step": int(step) if isinstance(step, str) and step.isdigit() else None,
+            "dtype": meta.get("functional_memopt.dtype"), "config": config}

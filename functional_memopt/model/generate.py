@@ -17,7 +17,42 @@ from .config import ModelConfig
 from .gpt import apply
 from .layout import check_params
 
-__all__ = ["generate"]
+__all__ = ["generate", "check_sampling", "MIN_TEMPERATURE", "MAX_TEMPERATURE"]
+
+# Outside these, sampling degenerates: below, logits / temperature overflow float32 and sampling is
+# greedy decoding up to rounding; above, it is uniform over the vocabulary whatever the model says.
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 1e3
+
+
+def check_sampling(temperature, top_k, vocab_size: int | None = None, *, caller: str = "generate",
+                   names: tuple[str, str] = ("temperature", "top_k")) -> None:
+    """Raise ValueError for a temperature or top-k that would make sampling degenerate, naming the fix.
+
+    Args:
+        temperature: 0 (greedy) or a number in [MIN_TEMPERATURE, MAX_TEMPERATURE].
+        top_k: None or an int in [1, vocab_size].
+        vocab_size: the model's (None: top_k's upper bound is not checked).
+        caller, names: the start of messages and what the caller calls the two values (e.g. flags).
+    """
+    t_name, k_name = names
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+        math.isfinite(temperature) and temperature >= 0
+    ):
+        raise ValueError(f"{caller}: {t_name} must be a finite number >= 0, got {temperature!r}; 0 means greedy.")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"{caller}: {t_name} {temperature:g} is below {MIN_TEMPERATURE:g}, where logits / temperature "
+                         f"overflow and sampling is greedy decoding up to rounding; pass {t_name} 0 for greedy "
+                         "decoding.")
+    if temperature > MAX_TEMPERATURE:
+        raise ValueError(f"{caller}: {t_name} {temperature:g} is above {MAX_TEMPERATURE:g}, where sampling is uniform "
+                         f"over the vocabulary whatever the model says; pass a {t_name} of at most "
+                         f"{MAX_TEMPERATURE:g} (1 samples the model's own distribution).")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"{caller}: {k_name} must be None or an int >= 1, got {top_k!r}.")
+    if top_k is not None and vocab_size is not None and top_k > vocab_size:
+        raise ValueError(f"{caller}: {k_name} {top_k} exceeds the model's vocabulary of {vocab_size} tokens; pass at "
+                         f"most {vocab_size}, or leave it out to sample among all tokens.")
 
 
 def _prompt_tensor(prompt_ids, cfg: ModelConfig) -> torch.Tensor:
@@ -63,7 +98,8 @@ def generate(
             ``block_size`` tokens at each step.
         max_new_tokens: tokens to add, >= 0.
         temperature: logits are divided by it before sampling; 0 picks the most likely token.
-        top_k: sample only among the ``top_k`` most likely tokens (None: all).
+            Otherwise in [1e-3, 1e3]: outside, sampling degenerates (see :func:`check_sampling`).
+        top_k: sample only among the ``top_k`` most likely tokens (None: all), at most the vocabulary.
         seed: the sampling seed; the same seed gives the same tokens.
 
     Returns:
@@ -78,12 +114,7 @@ def generate(
         raise TypeError(f"generate: cfg must be a ModelConfig, got {type(cfg).__name__}.")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}.")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-        math.isfinite(temperature) and temperature >= 0
-    ):
-        raise ValueError(f"generate: temperature must be a finite number >= 0, got {temperature!r}; 0 means greedy.")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"generate: top_k must be None or an int >= 1, got {top_k!r}.")
+    check_sampling(temperature, top_k, cfg.vocab_size)
     check_params(params, cfg)
     ids = _prompt_tensor(prompt_ids, cfg)
     single = ids.dim() == 1
@@ -94,6 +125,9 @@ def generate(
         for _ in range(max_new_tokens):
             context = seq[:, -cfg.block_size:].to(device)
             logits = apply(params, context, cfg, check=False)[:, -1, :].float().cpu()  # (B, V)
+            if not bool(torch.isfinite(logits).all()):
+                raise ValueError("generate: the model's logits hold inf or nan; its params are damaged or beyond "
+                                 "the precision they run in (run them in float32).")
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             else:

@@ -24,7 +24,7 @@ from typing import Any, Callable, NamedTuple
 import optree
 import torch
 
-from ..data.batch import Batch, split_microbatches, token_count
+from ..data.batch import Batch, check_batch, split_microbatches, token_count
 from ..model.config import ModelConfig
 from ..model.gpt import loss_fn as model_loss_fn
 from ..model.remat import RematSpec
@@ -33,6 +33,7 @@ from ..optim.clip import clip_leaves
 from .accumulate import accumulate_gradients, accumulate_in_place, accumulator_dtype
 from .compile import compile_loss, compile_options
 from .grad import DEFAULT_ENGINE, value_and_grad
+from .guard import NonFiniteUpdateError, nonfinite_leaves
 from .loss_scale import LossScale, NoOpLossScale
 from .parallelism import Parallelism, single_process
 from .precision import Policy, get_policy, with_policy
@@ -122,6 +123,8 @@ def make_train_step(
     policy_mode: str = "cast",
     parallel: Parallelism | None = None,
     compile: bool | dict = False,
+    validate_batch: bool = True,
+    guard_updates: bool = True,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
     """Compose the techniques into one pure ``step(state, batch) -> (state, metrics)``.
 
@@ -157,11 +160,19 @@ def make_train_step(
             ``train.compile.COMPILE_DEFAULTS``; a dict is passed to ``torch.compile`` over them.
             Needs ``engine="autograd"``. The loss scale and token count reach the compiled graph
             as one tensor, so neither a changing loss scale nor the step count recompiles it.
+        validate_batch: check each Batch once per step (dtypes, (B, T) shapes of every field, T
+            against the block size, ids against the vocabulary: one host sync), so a bad batch is
+            a ValueError / TypeError naming the field instead of an IndexError deep in the model.
+        guard_updates: check the new params and optimizer state for inf and nan after every
+            update (one pass, one host sync). Without ``donate`` such an update is skipped like an
+            overflow step (``metrics["nonfinite_update"]``); a donated state was overwritten in
+            place and cannot be kept, so the step raises NonFiniteUpdateError naming the leaves.
 
     Returns:
         ``step(state, batch)``. Metrics (0-d tensors): loss (per counted token), grad_norm (of the
         unscaled, unclipped gradient; inf/nan on overflow), loss_scale (used in this step),
-        skipped (bool), tokens (counted tokens). Under data parallel they are global and equal
+        skipped (bool), nonfinite_update (bool: finite gradients, but the update was not finite,
+        so it was skipped), tokens (counted tokens). Under data parallel they are global and equal
         on every rank.
 
     A step whose gradients are not finite changes nothing but the loss scale: params, optimizer
@@ -212,6 +223,9 @@ def make_train_step(
         return accumulate_gradients(lambda p, mb: grad_fn(p, mb, factor), params, micro)
 
     def step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        if validate_batch and (cfg is not None or isinstance(batch, Batch)):
+            check_batch(batch, vocab_size=getattr(cfg, "vocab_size", None), block_size=getattr(cfg, "block_size", None),
+                        caller="train step")
         ls = state.loss_scale
         scale = None if isinstance(ls, NoOpLossScale) else ls.loss_scale
         total = par.count(torch.as_tensor(count_tokens(batch), dtype=torch.float64)).clamp(min=1.0)
@@ -233,6 +247,7 @@ def make_train_step(
             "grad_norm": grad_norm,
             "loss_scale": ls.loss_scale.detach().clone(),
             "skipped": ~finite,
+            "nonfinite_update": torch.zeros((), dtype=torch.bool, device=finite.device),
             "tokens": count,
         }
         if not bool(finite):  # one host sync per step, as GradScaler.step makes
@@ -241,6 +256,22 @@ def make_train_step(
             clip_leaves(optree.tree_leaves(grads), grad_norm, max_grad_norm, inplace=True)
         grads = pol.cast_to_param(grads)
         params, opt_state = par.update(optimizer, grads, state, donate=donate)
+        if guard_updates:
+            bad = nonfinite_leaves(params, opt_state)
+            if par.world_size > 1 and par.zero_stage > 0:  # each rank checked its own optimizer shard
+                any_bad = par.count(torch.tensor(float(len(bad)), dtype=torch.float64, device=finite.device)) > 0
+                bad = bad or (["opt_state (another rank's shard)"] if bool(any_bad) else [])
+            if bad:
+                n = int(state.step) + 1
+                if donate:
+                    raise NonFiniteUpdateError(
+                        f"train step: update {n} wrote inf or nan into {bad[:6]} from finite gradients (a learning "
+                        "rate far too large, or a damaged optimizer state); the state was donated, so it is now "
+                        "unusable. Reload the last checkpoint and lower the learning rate, or build the step with "
+                        "donate=False to skip such updates.", leaves=bad, step=n)
+                yes = torch.ones((), dtype=torch.bool, device=finite.device)
+                skip = {**metrics, "skipped": yes, "nonfinite_update": yes}
+                return state._replace(loss_scale=ls.adjust(torch.zeros_like(finite))), skip
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=ls.adjust(finite))
         return new, metrics
 
