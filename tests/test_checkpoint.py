@@ -42,9 +42,9 @@ def fresh_state(cfg, policy, n_steps, seed=0):
 
 
 def without_checksum(run_dir):
-    """state.json as versions before checksums wrote it (no sha256 field)."""
+    """state.json as versions before checksums wrote it (no sha256 fields)."""
     record = json.loads((run_dir / STATE_JSON).read_text())
-    record.pop("sha256")
+    record.pop("sha256"), record.pop("json_sha256")
     (run_dir / STATE_JSON).write_text(json.dumps(record))
 
 
@@ -230,6 +230,7 @@ def test_non_finite_values_are_named_on_load_and_refused_on_save(tmp_path):
 def test_a_tensor_file_of_another_checkpoint_is_refused(tmp_path):
     state = STATE_TYPES["sgd-plain"](fm.init_params(CFG))
     save_checkpoint(tmp_path, state, cfg=CFG)
+    without_checksum(tmp_path)  # as an earlier version wrote it: the ids still tell the files apart
     record = json.loads((tmp_path / STATE_JSON).read_text())
     record["id"] = "0" * 16
     (tmp_path / STATE_JSON).write_text(json.dumps(record))
@@ -252,3 +253,56 @@ def test_save_checkpoint_refuses_a_missing_folder_and_unserialisable_meta(tmp_pa
     with pytest.raises(TypeError, match="JSON-serialisable"):
         save_checkpoint(tmp_path, state, cfg=CFG, meta={"x": object()})
     assert os.listdir(tmp_path) == []
+
+
+def edit_checkpoint(run_dir, change):
+    """Rewrite a checkpoint's tensors with ``change`` as an earlier version would have (no checksums)."""
+    info = checkpoint_info(run_dir)
+    path = run_dir / info["tensors"]
+    flat = load_file(path)
+    change(flat)
+    save_file(flat, path, metadata={"functional_memopt.checkpoint_id": info["id"]})
+    record = json.loads((run_dir / STATE_JSON).read_text())
+    record.pop("sha256"), record.pop("json_sha256")
+    (run_dir / STATE_JSON).write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("kind, change, match", [
+    ("adamw+dynamic", lambda f: f["opt_state.count"].fill_(3), r"optimizer count of ScaleByAdamState is 3, expected "
+                                                                r"equal to step \(5\)"),
+    ("sgd-momentum+noop", lambda f: f["opt_state.count"].fill_(-1), r"optimizer count of SgdState is -1"),
+    ("adamw+dynamic", lambda f: f["opt_state.nu.h.0.mlp.c_fc.weight"].__setitem__((0, 0), -1e-30),
+     r"AdamW's second moments hold negative values \(down to -1e-30\)"),
+    ("adamw+dynamic", lambda f: f["loss_scale.counter"].fill_(7), r"loss_scale.counter is 7, expected in \[0, "
+                                                                   r"growth_interval=7\)"),
+    ("adamw+dynamic", lambda f: f["loss_scale.backoff_factor"].fill_(1.5), r"backoff_factor is 1.5, expected in"),
+    ("chain+static", lambda f: f["loss_scale.loss_scale"].fill_(-2.0), r"loss_scale.loss_scale is -2.0, expected > 0"),
+])
+def test_a_state_breaking_the_training_invariants_is_refused_on_load(tmp_path, kind, change, match):
+    state = STATE_TYPES[kind](fm.init_params(CFG))
+    state = state._replace(step=torch.tensor(5), opt_state=fmtree.tree_map(
+        lambda x: torch.full_like(x, 5) if not x.is_floating_point() and x.dim() == 0 else x, state.opt_state))
+    save_checkpoint(tmp_path, state, cfg=CFG)
+    load_checkpoint(tmp_path, state)  # valid as saved
+    edit_checkpoint(tmp_path, change)
+    with pytest.raises(ValueError, match="breaks the invariants of a training state: .*" + match):
+        load_checkpoint(tmp_path, state)
+
+
+def test_the_checkpoint_records_and_verifies_its_tensor_file_sha256_and_its_own(tmp_path):
+    state = STATE_TYPES["adamw+dynamic"](fm.init_params(CFG))
+    save_checkpoint(tmp_path, state, cfg=CFG)
+    info = checkpoint_info(tmp_path)
+    assert len(info["sha256"]) == 64 and len(info["json_sha256"]) == 64
+    path = tmp_path / info["tensors"]
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"the tensor file of the checkpoint at step 0 .* is damaged: its contents do "
+                                         r"not match the sha256"):
+        load_checkpoint(tmp_path, state)
+    save_checkpoint(tmp_path, state, cfg=CFG)
+    text = (tmp_path / STATE_JSON).read_text().replace('"step": 0', '"step": 1')
+    (tmp_path / STATE_JSON).write_text(text)
+    with pytest.raises(ValueError, match=r"state.json' is damaged: its contents do not match the sha256"):
+        load_checkpoint(tmp_path, state)

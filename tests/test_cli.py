@@ -168,6 +168,8 @@ BAD_INPUT = {
                                                                            "--lr", "1"])[1], "cannot change"),
     "sample of a missing file": (lambda t: ["sample", str(t / "missing.safetensors")], "no file or directory"),
     "text prompt for a non-byte model": (non_byte_model, "not bytes"),
+    "a model beyond the machine's memory": (lambda t: ["train", "--n-embd", "1048576", "--n-head", "1",
+                                                       "--run-dir", str(t / "run")], "more than this machine's"),
     "bad prompt ids": (lambda t: (save_params(t / "p.safetensors", fm.init_params(fm.ModelConfig(n_layer=1, n_embd=8,
                                   n_head=2)), fm.ModelConfig(n_layer=1, n_embd=8, n_head=2)),
                                   ["sample", str(t / "p.safetensors"), "--prompt-ids", "1,x"])[1], "comma-separated"),
@@ -304,12 +306,38 @@ def test_convert_round_trips_params_through_a_gpt2_directory_and_never_overwrite
     assert load_params(tmp_path / "half.safetensors", dtype="bf16")[0]["wte"].dtype == torch.bfloat16
 
 
-def test_help_lists_every_command(capsys):
+def test_help_lists_every_command_and_train_help_every_preset(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    assert all(command in text for command in ("train", "sample", "convert", "memory"))
+    assert all(command in text for command in ("train", "sample", "convert", "memory", "verify"))
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(f"{name} ({cfg.n_layer} layers, width {cfg.n_embd}" in text for name, cfg in fm.PRESETS.items())
+
+
+def test_the_run_says_its_threads_and_why_and_labels_its_units(tmp_path, capsys):
+    assert main(["train", *[a for a in TINY if a != "--quiet"], "--steps", "2", "--run-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr()
+    assert "memopt: 1 CPU thread(s) (--threads)" in out.err
+    assert "step 2: validation loss" in out.err and "bits/byte" in out.err
+    assert "loss " in out.err and " bits/byte | " in out.err and "| peak RSS " in out.err  # the bar
+    assert "validation loss" in out.out and "bits/byte, peak RSS" in out.out and "on 1 CPU thread(s)" in out.out
+    assert main(["train", "--resume", str(tmp_path / "r"), "--steps", "3"]) == 0
+    assert "1 CPU thread(s) (recorded in config.json, so a resume gives the same bits)" in capsys.readouterr().err
+
+
+def test_verify_passes_a_sound_run_directory_and_refuses_a_folder_that_is_not_one(tmp_path, capsys):
+    assert train(tmp_path / "run", "--steps", "2") == 0
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("  ok ") == 5 and f"memopt: {tmp_path / 'run'} verified: 5 files ok" in out
+    (tmp_path / "other").mkdir()
+    assert main(["verify", str(tmp_path / "other")]) == 2
+    assert "is not a memopt run directory" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import signal
@@ -11,14 +12,14 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import functional_memopt as fm
 from functional_memopt import _tree as fmtree
 from functional_memopt import testing
-from functional_memopt.io.files import atomic_write
-from functional_memopt.io.params import FORMAT_NAME, load_params, save_params
+from functional_memopt.io.files import atomic_write, is_disk_full, leftovers
+from functional_memopt.io.params import FORMAT_NAME, load_params, params_file_info, save_params
 from functional_memopt.io.tensor_files import DIGEST_KEY
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -322,3 +323,57 @@ def test_a_saved_file_gets_the_permissions_of_an_ordinary_file_or_keeps_the_old_
     os.chmod(tmp_path / "new.safetensors", 0o604)
     save_params(tmp_path / "new.safetensors", params, SMALL)
     assert os.stat(tmp_path / "new.safetensors").st_mode & 0o777 == 0o604
+
+
+def test_identical_params_give_identical_bytes_with_sorted_metadata_and_the_step_recorded(tmp_path):
+    # safetensors writes metadata in hash-map order, which changes from one call to the next.
+    params = fm.init_params(SMALL, seed=0)
+    blobs = set()
+    for i in range(6):
+        save_params(tmp_path / f"p{i}.safetensors", params, SMALL, step=12)
+        blobs.add((tmp_path / f"p{i}.safetensors").read_bytes())
+    assert len(blobs) == 1
+    raw = blobs.pop()
+    header = json.loads(raw[8:header_bytes(tmp_path / "p0.safetensors")])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    assert params_file_info(tmp_path / "p0.safetensors")["step"] == 12
+    assert params_file_info(tmp_path / "p0.safetensors")["dtype"] == "float16"
+
+
+@given(st.data())
+def test_a_flipped_bit_anywhere_in_a_sealed_params_file_is_refused_never_loaded(data):
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "p.safetensors")
+        save_params(path, fm.init_params(SMALL, seed=1), SMALL)
+        raw = bytearray(open(path, "rb").read())
+        at = data.draw(st.integers(0, len(raw) - 1))
+        raw[at] ^= 1 << data.draw(st.integers(0, 7))
+        open(path, "wb").write(bytes(raw))
+        with pytest.raises(ValueError, match=r"p\.safetensors' (is damaged|is not a valid safetensors file)"):
+            load_params(path)
+
+
+def test_a_full_disk_names_the_file_the_space_needed_and_free_and_keeps_the_old_file(tmp_path):
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=r"the disk is full: writing 'f.bin' needs 2.0 MiB, and .* are free in .*"
+                                      r"nothing was replaced \('f.bin' as it was before is intact\)") as err:
+        atomic_write(target, full, caller="demo", size_hint=2 * 2**20)
+    assert err.value.errno == errno.ENOSPC and str(err.value).startswith("[Errno 28] demo: ")
+    assert target.read_bytes() == b"old" and entries(tmp_path) == ["f.bin"]
+    # safetensors reports a full disk as a SafetensorError carrying the OS error's text
+    assert is_disk_full(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert not is_disk_full(SafetensorError("Error while serializing: invalid dtype"))
+
+
+def test_leftovers_are_only_the_temporary_files_of_named_targets(tmp_path):
+    names = [".p.safetensors.abc123de.tmp", ".p.safetensors.tmp", ".q.json.abc123de.tmp", "p.safetensors.abc123de.tmp",
+             ".p.safetensors.abc123de.tmp.bak"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    assert leftovers(tmp_path, ["p.safetensors"]) == [".p.safetensors.abc123de.tmp"]
+    assert leftovers(tmp_path, ["p.safetensors", "q.json"]) == [".p.safetensors.abc123de.tmp", ".q.json.abc123de.tmp"]

@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from ..model.config import ModelConfig
-from .run import Resolved, TrainArgs
+from .run import Resolved, TrainArgs, check_model_fits
 
 __all__ = ["parse_run_config", "parse_meta"]
 
@@ -128,6 +128,7 @@ def parse_run_config(record: dict, run_dir: str) -> tuple[TrainArgs, Resolved, M
     except (TypeError, ValueError) as err:
         raise ValueError(f"train: {path!r} is damaged: its model is not a valid config ({err}); restore the file "
                          "from a copy (or start a new run).") from None
+    check_model_fits(cfg, caller="train", source=f"{path!r} (model)")
     if resolved.seq_len > cfg.block_size:
         raise _damaged(path, "resolved.seq_len", resolved.seq_len, f"at most model.block_size ({cfg.block_size})")
     if resolved.warmup_steps > args.steps:

@@ -19,11 +19,13 @@ import torch
 
 from ..data.batch import rows_per_microbatch
 from ..io.checkpoint import TEMPORARY_TARGETS
-from ..io.files import atomic_write_json, check_json_seal, leftovers
+from ..io.files import atomic_write_json, check_json_seal, leftovers, machine_memory
 from ..io.params import save_params
 from ..memory.ledger import choose_loss_chunk
 from ..memory.rss import rss_peak
+from .format import format_bytes
 from ..model.config import ModelConfig, get_config
+from ..model.layout import param_shapes
 from ..model.remat import remat_layers
 from ..train.loss_scale import loss_scale_from_spec
 from ..train.precision import get_policy
@@ -31,7 +33,7 @@ from ..train.precision import get_policy
 __all__ = [
     "RUN_FORMAT", "CPU_DEFAULT_POLICY", "TrainArgs", "Resolved", "resolve_args", "resolve_device", "resolve_threads",
     "RunFiles", "read_run_config", "prepare_run_dir", "peak_bytes", "choose_threads", "remove_leftovers",
-    "PARAMS_FILE", "TEMPORARY_RUN_FILES",
+    "PARAMS_FILE", "TEMPORARY_RUN_FILES", "check_model_fits",
 ]
 
 RUN_FORMAT = "functional_memopt.run"
@@ -142,10 +144,28 @@ def resolve_threads(spec: str) -> int:
     return choose_threads(spec)[0]
 
 
+def check_model_fits(cfg: ModelConfig, *, caller: str, source: str) -> None:
+    """Refuse a model whose params, gradients and AdamW moments (fp32) alone exceed this machine's memory.
+
+    Checked before anything is allocated, so a damaged or mistyped shape is a clear error, not a
+    process the system kills.
+    """
+    n = sum(math.prod(shape) for shape in param_shapes(cfg).values())
+    need, total = 16 * n, machine_memory()
+    if total and need > total:
+        raise ValueError(
+            f"{caller}: {source} describes a model of {n:,} params, whose fp32 params, gradients and AdamW moments "
+            f"alone take {format_bytes(need)}, more than this machine's {format_bytes(total)} of memory; choose a "
+            "smaller model."
+        )
+
+
 def resolve_args(args: TrainArgs, device: torch.device, world_size: int = 1):
     """``(cfg, Resolved)``: the model and the "auto" choices for ``device`` and ``world_size`` ranks, checked."""
     overrides = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(args, k)}
     cfg = get_config(args.preset, **overrides)
+    check_model_fits(cfg, caller="train", source="--preset " + args.preset + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in overrides.items()))
     policy = args.policy
     if policy == "auto":
         if device.type == "cuda":

@@ -182,7 +182,7 @@ def open_safetensors(path: str | os.PathLike, *, caller: str, verify: bool = Tru
         _, header = read_header(path)
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(
-            f"{caller}: {path!r} is not a valid safetensors file ({err}); it may be truncated or "
+            f"{caller}: {what + ' ' if what else ''}{path!r} is not a valid safetensors file ({err}); it may be truncated or "
             "corrupted (e.g. an interrupted copy). Save or download it again."
         ) from None
     with handle as f:
