@@ -12,7 +12,7 @@ import math
 import os
 from typing import Any
 
-from ..model.config import ModelConfig
+from ..model.config import ACTIVATIONS, ModelConfig
 from .run import Resolved, TrainArgs, check_model_fits
 
 __all__ = ["parse_run_config", "parse_meta"]
@@ -60,6 +60,9 @@ _TRAIN = {
     "gc_every": (_INT, False, lambda v: v >= 0, ">= 0"),
     "zero_stage": (_INT, False, lambda v: v in (0, 1, 2), "0, 1 or 2"),
     "dist_timeout": (_FLOAT, False, lambda v: v > 0, "> 0"),
+    "loss_chunk": (_STR, False, lambda v: v in ("auto", "none") or (v.isdigit() and int(v) >= 1),
+                   "auto, none or a whole number >= 1"),
+    "compile": (_STR, False, lambda v: v in ("auto", "on", "off"), "auto, on or off"),
 }
 _RESOLVED = {
     "policy": (_STR, False, None, ""),
@@ -69,13 +72,18 @@ _RESOLVED = {
     "warmup_steps": (_INT, False, lambda v: v >= 0, ">= 0"),
     "eval_interval": (_INT, False, lambda v: v >= 1, ">= 1"),
     "threads": (_INT, False, lambda v: v >= 1, ">= 1"),
+    "loss_chunk": (_INT, True, lambda v: v >= 1, ">= 1"),
+    "compile": ("true or false", False, None, ""),
 }
+# Fields that later versions added: a run recorded before them takes their defaults.
+_ADDED = {"loss_chunk", "compile", "activation"}
 _MODEL = {
     **{k: (_INT, False, lambda v: v >= 1, ">= 1") for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd",
                                                             "mlp_ratio")},
     "bias": ("true or false", False, None, ""),
     "layer_norm_eps": (_FLOAT, False, lambda v: v > 0, "> 0"),
     "init_std": (_FLOAT, False, lambda v: v > 0, "> 0"),
+    "activation": (_STR, False, lambda v: v in ACTIVATIONS, " or ".join(ACTIVATIONS)),
 }
 _KIND_OK = {_INT: _is_int, _FLOAT: _is_num, _STR: lambda v: isinstance(v, str),
             "true or false": lambda v: isinstance(v, bool)}
@@ -99,7 +107,7 @@ def _fields(section: Any, rules: dict, path: str, prefix: str, *, partial: bool 
     out = {}
     for name, (kind, optional, ok, text) in rules.items():
         if name not in section:
-            if partial:
+            if partial or name in _ADDED:
                 continue
             raise _damaged(path, prefix + name, _MISSING, kind + (f" {text}" if text else ""))
         value = section[name]
