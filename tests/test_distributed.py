@@ -41,6 +41,8 @@ from functional_memopt.parallel.process_group import (
 from functional_memopt.train.step import init_train_state, make_loss_fn, make_train_step
 from functional_memopt.parallel.zero import _shard_opt_state, _state_owners, data_parallel, flat_layout
 
+from _bounds import FirstMomentBound, MomentumBound, l2, l2_difference
+
 CFG = fm.ModelConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16)
 DATA = torch.randint(0, 32, (400,), generator=torch.Generator().manual_seed(0))
 FP64 = "params=float64,compute=float64,output=float64"
@@ -149,6 +151,92 @@ def _scenario_checkpoint(out: Path) -> dict:
         loaded, meta = load_checkpoint(run_dir, like, cfg=CFG, parallel=p, optimizer=opt)
         resumed, _ = _steps(loaded, make_train_step(CFG, opt, parallel=p), info.rank, meta["next"], 6, rows=2)
         res[f"resumed-{z}"] = p.gather(resumed, opt)
+    shutdown_distributed()
+    return res
+
+
+ORACLE_STEPS = 4
+ORACLE_CLIP = 0.5
+ORACLE_LR = {"sgd": 0.05, "adamw": 1e-2}
+
+
+def _oracle_optimizers(name):
+    """(the library's optimizer, torch's class and arguments) with the same hyper-parameters."""
+    if name == "sgd":
+        kw = dict(lr=ORACLE_LR["sgd"], momentum=0.9, weight_decay=0.01)
+        return sgd(kw["lr"], momentum=0.9, weight_decay=0.01), torch.optim.SGD, kw
+    kw = dict(lr=ORACLE_LR["adamw"], weight_decay=0.1)
+    return adamw(kw["lr"], weight_decay=0.1), torch.optim.AdamW, kw
+
+
+def _torch_data_parallel_run(params, name, zero, rank):
+    """torch's own recipe: DDP over the reference module, no_sync for all but the last micro-batch,
+    the loss normalised by the global token count, clip_grad_norm_, and torch.optim or
+    ZeroRedundancyOptimizer (torch's ZeRO-1). Returns rank 0's params, first moments and metrics."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    from functional_memopt.testing.reference import ReferenceGPT
+
+    module = ReferenceGPT.from_params(params, CFG)
+    model = DistributedDataParallel(module)
+    _, cls, kw = _oracle_optimizers(name)
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kw) if zero else cls(model.parameters(), **kw)
+    names = [n for n, _ in module.named_parameters()]
+    out = []
+    for i in range(ORACLE_STEPS):
+        batch = shard_batch(global_batch(i), rank, WORLD)
+        labels = batch.targets if batch.mask is None else torch.where(batch.mask.bool(), batch.targets, -100)
+        count = (labels != -100).sum()
+        dist.all_reduce(count)  # the global token count, known before the first backward
+        pads = batch.attention_mask.tensor_split(2) if batch.attention_mask is not None else [None, None]
+        parts = list(zip(batch.tokens.tensor_split(2), labels.tensor_split(2), pads))
+        total = torch.zeros((), dtype=torch.float64)
+        for j, (x, y, pad) in enumerate(parts):
+            with model.no_sync() if j < len(parts) - 1 else contextlib.nullcontext():
+                loss_sum = F.cross_entropy(model(x, attention_mask=pad).flatten(0, 1), y.flatten(), reduction="sum",
+                                           ignore_index=-100)
+                # DDP averages gradients over ranks: times the world size, they sum to the global gradient.
+                (loss_sum / count * WORLD).backward()
+            total += loss_sum.item()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), ORACLE_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dist.all_reduce(total)
+        mu = None
+        if name == "adamw":
+            if zero:
+                opt.consolidate_state_dict(to=0)
+                state = opt.state_dict()["state"] if rank == 0 else None
+                mu = module.tree({n: state[j]["exp_avg"] for j, n in enumerate(names)}) if rank == 0 else None
+            else:
+                mu = module.tree({n: opt.state[p]["exp_avg"] for n, p in module.named_parameters()})
+        out.append((module.params(), mu, {"loss": float(total) / int(count), "grad_norm": float(norm),
+                                          "tokens": float(count)}))
+    return out
+
+
+def _scenario_oracle(out: Path) -> dict:
+    info = init_distributed(timeout_s=30)
+    res = {}
+    params = fm.init_params(CFG, seed=4)
+    for name in ("sgd", "adamw"):
+        for z in (0, 1, 2):
+            opt, _, _ = _oracle_optimizers(name)
+            par = data_parallel(zero_stage=z)
+            state = init_train_state(params, opt, parallel=par)
+            step = make_train_step(CFG, opt, parallel=par, accum_steps=2, max_grad_norm=ORACLE_CLIP)
+            runs = []
+            for i in range(ORACLE_STEPS):
+                state, m = step(state, shard_batch(global_batch(i), info.rank, WORLD))
+                full = par.gather(state, opt)
+                mu = full.opt_state.mu if full is not None and name == "adamw" else None
+                runs.append((state.params, mu, {k: float(m[k]) for k in ("loss", "grad_norm", "tokens")}))
+            res[f"lib-{name}-{z}"] = runs
+        for zero in (False, True):
+            res[f"torch-{name}-{'zero' if zero else 'ddp'}"] = _torch_data_parallel_run(params, name, zero, info.rank)
     shutdown_distributed()
     return res
 
@@ -290,6 +378,38 @@ def test_data_parallel_and_zero_steps_equal_the_single_process_step_and_skip_tog
         assert max(r0[f"opt-bytes-{z}"], r1[f"opt-bytes-{z}"]) <= full // 2 + 64
     assert "ranks [1] differ from rank 0" in r0["drift"] and r1["drift"] == r0["drift"]
     assert r0["on-rank-0"] == "rank 0's own error" and "rank 0 failed while dividing" in r1["on-rank-0"]
+
+
+def test_data_parallel_and_zero_steps_follow_torch_ddp_and_zero_redundancy_optimizer(tmp_path):
+    # An outside oracle: torch's own DistributedDataParallel (stage 0) and ZeroRedundancyOptimizer
+    # (stages 1 and 2, which differ in where gradients are reduced, not in the update) over the
+    # reference module, on the same ragged global batches (odd ones leave 3 of 18 tokens to rank 1).
+    # Bounds (tests/_bounds.py, as in test_parity.py): both sides do float32 arithmetic on the same
+    # values in different orders, so gradients agree within 2 * GRAD_TOLERANCE_FACTOR * eps32, the
+    # norm within that plus the rounding of two sums of numel squares, the loss within n eps32.
+    r0, _ = _results("oracle", tmp_path)
+    eps32 = torch.finfo(torch.float32).eps
+    numel = sum(x.numel() for x in optree.tree_leaves(fm.init_params(CFG)))
+    rho = 2 * testing.GRAD_TOLERANCE_FACTOR * eps32
+    norm_tol = rho + numel * eps32 / 2
+    for name in ("sgd", "adamw"):
+        for z in (0, 1, 2):
+            lib, ref = r0[f"lib-{name}-{z}"], r0[f"torch-{name}-{'ddp' if z == 0 else 'zero'}"]
+            bound = MomentumBound(ORACLE_LR["sgd"], 0.9) if name == "sgd" else FirstMomentBound(0.9)
+            for t, ((params, mu, m), (ref_params, ref_mu, ref_m)) in enumerate(zip(lib, ref)):
+                where = f"{name}, stage {z}, step {t + 1}: "
+                assert m["tokens"] == ref_m["tokens"], where + "tokens"
+                assert abs(m["loss"] - ref_m["loss"]) <= m["tokens"] * eps32 * ref_m["loss"], where + "loss"
+                assert abs(m["grad_norm"] - ref_m["grad_norm"]) <= norm_tol * ref_m["grad_norm"], where + "grad norm"
+                coef = min(1.0, ORACLE_CLIP / (ref_m["grad_norm"] + 1e-6))
+                rho_update = rho + (norm_tol if coef < 1 else 0.0)
+                if name == "sgd":
+                    allowed = bound.step(rho_update, coef * ref_m["grad_norm"], l2(ref_params))
+                    err = l2_difference(params, ref_params)
+                else:  # Adam's update normalises each element; its first moment is the gradient history
+                    allowed = bound.step(rho_update, coef * ref_m["grad_norm"], l2(ref_mu))
+                    err = l2_difference(mu, ref_mu)
+                assert err <= allowed, where + f"differs from torch's by {err:.3e}, bound {allowed:.3e}"
 
 
 def test_a_sharded_checkpoint_resumes_exactly_on_two_ranks_and_on_one(tmp_path):

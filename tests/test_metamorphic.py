@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import functional_memopt as fm
+from functional_memopt import _tree as fmtree
 from functional_memopt import testing
 from functional_memopt.train.step import init_train_state, make_train_step
 
@@ -226,3 +227,19 @@ def _problem():
     mask = real.clone()
     mask[0, 2] = mask[1, 0] = mask[1, 1] = mask[2, 0] = mask[3, 1:7] = False
     return cfg, fm.Batch(tokens, torch.where(real, targets, fm.IGNORE_INDEX), mask.float(), real)
+
+
+def test_the_accumulation_assertion_holds_the_fold_against_plain_autograd_and_catches_a_mean_loss():
+    # assert_accumulation_equivalent computes the full-batch gradient by plain torch.autograd.grad,
+    # so a loss_fn that returns per-micro-batch means (count 1) folds to a mean of means and fails.
+    cfg, batch = _problem()
+    params = fmtree.tree_cast(fm.init_params(cfg, seed=0), torch.float64)
+    loss = fm.make_loss_fn(cfg)
+    testing.assert_accumulation_equivalent(loss, params, batch, 2)
+
+    def mean_loss(p, b):
+        s, c = loss(p, b)
+        return s / c.clamp(min=1), torch.ones_like(c)
+
+    with pytest.raises(AssertionError, match="accumulation over 2 micro-batches"):
+        testing.assert_accumulation_equivalent(mean_loss, params, batch, 2)

@@ -106,6 +106,7 @@ def generate(
         int64 ids on the CPU, shaped like ``prompt_ids`` with ``max_new_tokens`` more columns.
 
     Example:
+        >>> from functional_memopt import init_params
         >>> cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)
         >>> generate(init_params(cfg), cfg, [104, 105], max_new_tokens=3, seed=0).shape
         torch.Size([5])

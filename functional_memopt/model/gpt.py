@@ -125,6 +125,7 @@ def apply(
         (B, T, vocab_size) logits, in the compute dtype (the params' dtype by default).
 
     Example:
+        >>> from functional_memopt import init_params
         >>> cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)
         >>> apply(init_params(cfg), torch.zeros(2, 8, dtype=torch.long), cfg).shape
         torch.Size([2, 8, 256])

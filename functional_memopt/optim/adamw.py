@@ -68,6 +68,7 @@ def adamw(learning_rate: LearningRate, *, b1: float = 0.9, b2: float = 0.999, ep
         A GradientTransformation with :class:`ScaleByAdamState`.
 
     Example:
+        >>> from functional_memopt import apply_updates
         >>> opt = adamw(3e-4, mask=decay_mask)
         >>> params = {"w": torch.ones(2, 2), "b": torch.zeros(2)}
         >>> state = opt.init(params)

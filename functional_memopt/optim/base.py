@@ -135,6 +135,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         A GradientTransformation whose state is a tuple with one entry per transform.
 
     Example:
+        >>> from functional_memopt import adamw, clip_by_global_norm
         >>> opt = chain(clip_by_global_norm(1.0), adamw(3e-4))
     """
 

@@ -20,7 +20,7 @@ def clip_scale(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
 
     Example:
         >>> float(clip_scale(torch.tensor(4.0), 2.0))
-        0.4999999701976776
+        0.49999988079071045
     """
     return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
 

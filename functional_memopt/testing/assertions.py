@@ -76,17 +76,25 @@ def poison(loss_fn, value: float):
 
 
 def _grad_of_mean(loss_fn, params, batch):
-
-    def mean(p):
-        s, c = loss_fn(p, batch)
-        return s / c.clamp(min=1)
-
-    return value_and_grad(mean)(params)[1]
+    """The full-batch mean-loss gradient by plain ``torch.autograd.grad``: no library grad engine or fold."""
+    leaves, spec = optree.tree_flatten(params)
+    live = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in leaves]
+    with torch.enable_grad():
+        s, c = loss_fn(optree.tree_unflatten(spec, live), batch)
+        wrt = [x for x in live if x.requires_grad]
+        grads = iter(torch.autograd.grad(s / c.clamp(min=1), wrt, allow_unused=True))
+    full = [(next(grads) if x.requires_grad else None) for x in live]
+    full = [torch.zeros_like(x) if g is None else g for x, g in zip(live, full)]
+    return optree.tree_unflatten(spec, [g.detach() for g in full])
 
 
 def assert_accumulation_equivalent(loss_fn, params, batch, k: int, *, rtol: float | None = None,
                                    atol: float | None = None) -> None:
     """Assert that folding ``k`` micro-batches gives the full-batch, token-weighted gradient.
+
+    The fold is the library's (``value_and_grad`` per micro-batch, ``accumulate_gradients``,
+    divided by the total count); the full-batch gradient it is held against is computed without
+    them, by plain ``torch.autograd.grad`` of ``loss_sum / count`` over the whole batch.
 
     Args:
         loss_fn: ``loss_fn(params, batch) -> (loss_sum, count)``, yours or the library's.
