@@ -135,6 +135,10 @@ def test_a_real_kill_while_the_final_params_are_written_is_found_and_repaired(tm
     assert main(["sample", str(run), "--max-new-tokens", "4", "--temperature", "0"]) == 0
     out = capsys.readouterr()
     assert "holds step 3, older than the newest checkpoint (step 6); reading the checkpoint instead" in out.err
+    assert main(["convert", str(run), str(tmp_path / "newest.safetensors")]) == 0
+    assert "reading the checkpoint instead" in capsys.readouterr().err
+    assert fm.load_params(tmp_path / "newest.safetensors")[0]["wte"].equal(
+        fm.load_params(straight / "params.safetensors")[0]["wte"])  # the newest params, not the stale file's
     assert resume(run) == 0
     out = capsys.readouterr()
     assert "held step 3, older than the checkpoint (step 6): rewrote it" in out.err
