@@ -34,10 +34,10 @@ from ..optim.schedules import linear_warmup, warmup_cosine
 from ..parallel.process_group import DistInfo, collective, comm_device, world
 from ..parallel.replicated import shard_batch
 from ..parallel.zero import data_parallel
+from ..train.guard import NonFiniteUpdateError
 from ..train.loss_scale import loss_scale_from_spec
 from ..train.parallelism import Parallelism, single_process
 from ..train.precision import get_policy, with_policy
-from ..train.guard import NonFiniteUpdateError
 from ..train.step import TrainState, init_train_state, make_loss_fn, make_train_step
 from .format import format_bytes
 from .interrupt import StopRequest
