@@ -495,3 +495,11 @@ def test_an_update_that_is_not_finite_stops_the_run_naming_the_leaves_and_keeps_
     assert "The last good checkpoint (step 0) is kept" in err
     assert rows(run)[-1]["nonfinite_update"] is True
     assert main(["verify", str(run)]) == 0
+
+
+def test_a_fault_spec_the_hook_cannot_read_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FUNCTIONAL_MEMOPT_FAULT", "params.safetensors:exploded")
+    assert train(tmp_path / "run", *SIX) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("memopt: error: FUNCTIONAL_MEMOPT_FAULT='params.safetensors:exploded' is not") and "\n" not in err
+    assert not (tmp_path / "run").exists()
