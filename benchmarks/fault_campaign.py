@@ -99,7 +99,7 @@ def kill_trial(rng: random.Random, work: str, straight: tuple[str, str], run_s: 
         committed_before = kind != "config.json" and (
             n >= 2 or kind == "params.safetensors" or phase in ("state.json:renamed", "checkpoint:committed"))
     else:  # a random moment of the run's own work: after config.json appears, before the run would end
-        delay = rng.uniform(0.0, run_s)
+        delay = rng.uniform(0.0, 0.9 * run_s)  # (run_s includes the process's exit)
         trial["at"] = f"{delay:.3f} s after config.json"
         p, _ = start(argv)
         wait_for(p, os.path.join(run_dir, "config.json"))

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import functional_memopt as fm
@@ -18,6 +19,7 @@ from functional_memopt.io.checkpoint import (
     load_checkpoint_params,
     save_checkpoint,
 )
+from functional_memopt.io.tensor_files import DIGEST_KEY, atomic_save_safetensors
 from functional_memopt.train.loss_scale import dynamic_loss_scale, no_op_loss_scale, static_loss_scale
 from functional_memopt import adamw, chain, clip_by_global_norm, decay_mask, sgd
 from functional_memopt.optim.schedules import warmup_cosine
@@ -305,4 +307,19 @@ def test_the_checkpoint_records_and_verifies_its_tensor_file_sha256_and_its_own(
     text = (tmp_path / STATE_JSON).read_text().replace('"step": 0', '"step": 1')
     (tmp_path / STATE_JSON).write_text(text)
     with pytest.raises(ValueError, match=r"state.json' is damaged: its contents do not match the sha256"):
+        load_checkpoint(tmp_path, state)
+
+
+def test_a_tensor_file_rewritten_and_resealed_after_the_save_is_not_the_file_the_record_names(tmp_path):
+    # Sound on its own (its own sha256 matches, same checkpoint id), but not the bytes state.json recorded.
+    state = STATE_TYPES["adamw+dynamic"](fm.init_params(CFG))
+    save_checkpoint(tmp_path, state, cfg=CFG)
+    info = checkpoint_info(tmp_path)
+    path = tmp_path / info["tensors"]
+    with safe_open(str(path), "pt") as f:
+        meta, flat = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    flat["params.wte"] = flat["params.wte"] + 1.0
+    meta.pop(DIGEST_KEY)
+    atomic_save_safetensors(path, flat, meta, caller="test")
+    with pytest.raises(ValueError, match=r"is not the file its record names \(sha256 .*, expected "):
         load_checkpoint(tmp_path, state)

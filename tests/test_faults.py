@@ -135,6 +135,10 @@ def test_a_real_kill_while_the_final_params_are_written_is_found_and_repaired(tm
     assert main(["sample", str(run), "--max-new-tokens", "4", "--temperature", "0"]) == 0
     out = capsys.readouterr()
     assert "holds step 3, older than the newest checkpoint (step 6); reading the checkpoint instead" in out.err
+    assert main(["convert", str(run), str(tmp_path / "newest.safetensors")]) == 0
+    assert "reading the checkpoint instead" in capsys.readouterr().err
+    assert fm.load_params(tmp_path / "newest.safetensors")[0]["wte"].equal(
+        fm.load_params(straight / "params.safetensors")[0]["wte"])  # the newest params, not the stale file's
     assert resume(run) == 0
     out = capsys.readouterr()
     assert "held step 3, older than the checkpoint (step 6): rewrote it" in out.err
@@ -491,3 +495,11 @@ def test_an_update_that_is_not_finite_stops_the_run_naming_the_leaves_and_keeps_
     assert "The last good checkpoint (step 0) is kept" in err
     assert rows(run)[-1]["nonfinite_update"] is True
     assert main(["verify", str(run)]) == 0
+
+
+def test_a_fault_spec_the_hook_cannot_read_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FUNCTIONAL_MEMOPT_FAULT", "params.safetensors:exploded")
+    assert train(tmp_path / "run", *SIX) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("memopt: error: FUNCTIONAL_MEMOPT_FAULT='params.safetensors:exploded' is not") and "\n" not in err
+    assert not (tmp_path / "run").exists()

@@ -25,7 +25,7 @@ from .._version import __version__
 from ..data.batch import rows_per_microbatch, sample_batch
 from ..data.corpus import load_corpus, train_val_split
 from ..io.checkpoint import checkpoint_info, has_checkpoint, load_checkpoint, save_checkpoint
-from ..io.files import is_disk_full
+from ..io.files import disk_full_error, is_disk_full
 from ..memory.hygiene import with_memory_hygiene
 from ..model.config import ModelConfig
 from ..model.layout import init_params
@@ -34,10 +34,10 @@ from ..optim.schedules import linear_warmup, warmup_cosine
 from ..parallel.process_group import DistInfo, collective, comm_device, world
 from ..parallel.replicated import shard_batch
 from ..parallel.zero import data_parallel
+from ..train.guard import NonFiniteUpdateError
 from ..train.loss_scale import loss_scale_from_spec
 from ..train.parallelism import Parallelism, single_process
 from ..train.precision import get_policy, with_policy
-from ..train.guard import NonFiniteUpdateError
 from ..train.step import TrainState, init_train_state, make_loss_fn, make_train_step
 from .format import format_bytes
 from .interrupt import StopRequest
@@ -215,7 +215,9 @@ def _checkpoint(run: _Run) -> None:
         save_checkpoint(run.run_dir, run.state, cfg=run.cfg, meta=meta, parallel=run.parallel,
                         optimizer=run.optimizer)
     except OSError as err:
-        raise OSError(err.errno, f"{err.strerror or err}{hint}" if is_disk_full(err) else str(err)) from None
+        if not is_disk_full(err):
+            raise
+        raise disk_full_error(f"{err.strerror or err}{hint}") from None
     run.saved_at = run.it
     step = int(run.state.step)
     try:
@@ -224,8 +226,8 @@ def _checkpoint(run: _Run) -> None:
     except OSError as err:
         if not is_disk_full(err):
             raise
-        raise OSError(err.errno, f"{err.strerror} The checkpoint of step {run.it} was saved; params.safetensors "
-                                 f"is older, and a resume rewrites it.{hint}") from None
+        raise disk_full_error(f"{err.strerror or err} The checkpoint of step {run.it} was saved; params.safetensors "
+                              f"is older, and a resume rewrites it.{hint}") from None
 
 
 def _evaluate(run: _Run, bar, quiet: bool) -> float:

@@ -42,7 +42,8 @@ from .._tree import tree_flatten_with_paths, tree_from_paths
 from .._version import __version__
 from ..model.config import ModelConfig
 from ..model.layout import check_params
-from .files import atomic_write_json, check_finite, check_json_seal, is_disk_full, leftovers, write_phase
+from .files import (atomic_write_json, check_finite, check_json_seal, disk_full_error, is_disk_full, leftovers,
+                    write_phase)
 from .invariants import check_state
 from .tensor_files import atomic_save_safetensors, open_safetensors
 
@@ -178,7 +179,7 @@ def _kept(err: OSError, run_dir: str) -> OSError:
     except (OSError, ValueError, KeyError):
         kept = "no earlier checkpoint was there"
     text = str(err.strerror or err).removeprefix("save_checkpoint: ")
-    return OSError(err.errno, f"save_checkpoint: {text.rstrip('.')}; {kept} in {run_dir!r}.")
+    return disk_full_error(f"save_checkpoint: {text.rstrip('.')}; {kept} in {run_dir!r}.")
 
 
 def has_checkpoint(run_dir: str | os.PathLike) -> bool:

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 __all__ = ["atomic_write", "atomic_write_json", "check_json_seal", "JSON_SEAL", "check_folder", "magnitudes", "check_finite", "add_write_hook",
-           "write_phase", "leftovers", "is_disk_full", "machine_memory", "check_fits_in_memory", "WRITE_STAGES"]
+           "write_phase", "leftovers", "is_disk_full", "disk_full_error", "machine_memory", "check_fits_in_memory", "WRITE_STAGES"]
 
 WRITE_STAGES = ("begin", "written", "synced", "renamed")  # the phases of every atomic_write, in order
 _write_hooks: list[Callable[[str, str], None]] = []  # process-wide, like signal handlers
@@ -113,10 +113,17 @@ def _disk_full_error(caller: str, path: str, folder: str, size_hint: int | None)
     except OSError:
         free = "an unknown amount"
     need = f"needs {_format_size(size_hint)}" if size_hint else "needs more"
-    return OSError(errno.ENOSPC,
-                   f"{caller}: the disk is full: writing {os.path.basename(path)!r} {need}, and {free} are free "
-                   f"in {folder!r}; nothing was replaced ({os.path.basename(path)!r} as it was before is intact). "
-                   "Free some space and try again.")
+    name = os.path.basename(path)
+    kept = f"the existing {name!r} is intact" if os.path.exists(path) else "nothing was written"
+    return disk_full_error(f"{caller}: the disk is full: writing {name!r} {need}, and {free} are free in "
+                           f"{folder!r}; {kept}. Free some space and try again.")
+
+
+def disk_full_error(message: str) -> OSError:
+    """An OSError with errno ENOSPC whose text is ``message`` alone (no "[Errno 28]" before it)."""
+    err = OSError(message)
+    err.errno = errno.ENOSPC
+    return err
 
 
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None], *, caller: str = "atomic_write",

@@ -43,12 +43,13 @@ def nonfinite_leaves(params: Any, opt_state: Any) -> list[str]:
     leaves = _floats((params, opt_state))
     if not leaves:
         return []
-    norms = []
+    flags = []
     for wide in (False, True):  # float64 leaves keep their norm; the others are normed in float32
         group = [x for x in leaves if (x.dtype == torch.float64) == wide]
         if group:
-            norms += torch._foreach_norm(group, 2, dtype=None if wide else torch.float32)
-    if bool(torch.isfinite(torch.stack([n.to(torch.float64) for n in norms])).all()):  # the one host sync
+            norms = torch._foreach_norm(group, 2, dtype=None if wide else torch.float32)
+            flags.append(torch.isfinite(torch.stack(norms)).all())
+    if bool(flags[0] if len(flags) == 1 else torch.stack(flags).all()):  # the one host sync
         return []
     named = tree_flatten_with_paths({"params": params, "opt_state": opt_state})
     return [k for k, v in named.items()
