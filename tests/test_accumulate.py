@@ -6,12 +6,15 @@ from hypothesis import strategies as st
 from functional_memopt import testing
 from functional_memopt.train.accumulate import accumulate_gradients, accumulator_dtype
 
+from _hypothesis import examples
+
 
 def _grad_fn(p, x):
     loss_sum = (p["w"] * x).sum()
     return (loss_sum, (loss_sum, torch.tensor(float(x.numel())))), {"w": x.sum(0).to(p["w"].dtype)}
 
 
+@examples(50)
 @given(st.integers(1, 6), st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]))
 def test_fold_sums_gradients_losses_and_counts_in_a_wide_accumulator(k, dtype):
     p = {"w": torch.ones(3, dtype=dtype)}
