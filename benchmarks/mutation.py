@@ -4,6 +4,7 @@ Run from the repository root (needs ``pip install -e .[dev]``, which brings mutm
 
     python benchmarks/mutation.py                          # every core module
     python benchmarks/mutation.py train/accumulate.py      # one module (or several)
+    python benchmarks/mutation.py --sample 5 train/step.py # every fifth mutant (numbers ending in 0 or 5)
     python benchmarks/mutation.py --report                 # the score of what has run, no new run
 
 Each mutant is a small change to the source (an operator, a constant, an argument dropped); it is
@@ -39,9 +40,17 @@ def _modules() -> list[str]:
     return list(config["only_mutate"])
 
 
-def _glob(module: str) -> str:
+_LAST_DIGITS = {1: "", 2: "[02468]", 5: "[05]", 10: "0"}  # --sample n: mutant numbers ending so
+
+
+def _glob(module: str, sample: int = 1) -> str:
     path = module if module.startswith("functional_memopt/") else f"functional_memopt/{module}"
-    return path.removesuffix(".py").replace("/", ".") + ".*"
+    base = path.removesuffix(".py").replace("/", ".") + ".*"
+    return base if sample == 1 else base + "__mutmut_*" + _LAST_DIGITS[sample]
+
+
+def _in_sample(name: str, sample: int) -> bool:
+    return sample == 1 or int(name.rsplit("_", 1)[1]) % sample == 0
 
 
 def _status(code) -> str:
@@ -50,15 +59,15 @@ def _status(code) -> str:
     return status_by_exit_code[code]
 
 
-def report(modules: list[str]) -> dict:
+def report(modules: list[str], sample: int = 1) -> dict:
     """Per module and in all: mutants, caught, survived (with names), not run, equivalent, score."""
-    out: dict = {"modules": {}, "equivalent": EQUIVALENT}
+    out: dict = {"modules": {}, "equivalent": EQUIVALENT, "sample": sample}
     totals = dict(mutants=0, caught=0, equivalent=0, not_run=0)
     for module in modules:
         meta = ROOT / "mutants" / (module + ".meta")
         if not meta.exists():
             continue
-        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        codes = {n: c for n, c in json.loads(meta.read_text())["exit_code_by_key"].items() if _in_sample(n, sample)}
         statuses = {name: _status(code) for name, code in codes.items()}
         caught = sorted(n for n, s in statuses.items() if s in CAUGHT)
         equivalent = sorted(n for n, s in statuses.items() if n in EQUIVALENT and s not in CAUGHT)
@@ -96,6 +105,8 @@ def main(argv=None) -> int:
     parser.add_argument("modules", nargs="*", help="modules under functional_memopt/ (default: every core module)")
     parser.add_argument("--report", action="store_true", help="only report what has run")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 1, help="mutants run at once")
+    parser.add_argument("--sample", type=int, default=1, choices=sorted(_LAST_DIGITS),
+                        help="run and report every n-th mutant of each function (by number): a reproducible subset")
     args = parser.parse_args(argv)
     modules = _modules()
     chosen = [m if m.startswith("functional_memopt/") else f"functional_memopt/{m}" for m in args.modules] or modules
@@ -105,10 +116,13 @@ def main(argv=None) -> int:
     if not args.report:
         env = dict(os.environ, HYPOTHESIS_PROFILE=os.environ.get("HYPOTHESIS_PROFILE", "mutation"))
         env.pop("PYTHONPATH", None)  # mutmut puts its mutated copy first; the original must not shadow it
+        # mutmut forks its workers from a server that has imported torch: with an OpenMP thread pool
+        # alive in the parent, a forked child hangs in its first parallel region. One thread each.
+        env.setdefault("OMP_NUM_THREADS", "1")
         cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
-        cmd += [] if chosen == modules else [_glob(m) for m in chosen]
+        cmd += [] if chosen == modules and args.sample == 1 else [_glob(m, args.sample) for m in chosen]
         subprocess.run(cmd, cwd=ROOT, env=env, check=False)
-    result = report(chosen)
+    result = report(chosen, args.sample)
     _print(result)
     out = ROOT / "benchmarks" / "out" / "mutation.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,12 +6,15 @@ from hypothesis import strategies as st
 from functional_memopt import testing
 from functional_memopt.train.accumulate import accumulate_gradients, accumulator_dtype
 
+from _hypothesis import examples
+
 
 def _grad_fn(p, x):
     loss_sum = (p["w"] * x).sum()
     return (loss_sum, (loss_sum, torch.tensor(float(x.numel())))), {"w": x.sum(0).to(p["w"].dtype)}
 
 
+@examples(50)
 @given(st.integers(1, 6), st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]))
 def test_fold_sums_gradients_losses_and_counts_in_a_wide_accumulator(k, dtype):
     p = {"w": torch.ones(3, dtype=dtype)}
@@ -39,3 +42,16 @@ def test_fold_leaves_params_and_micro_batches_untouched_and_rejects_empty_input(
     testing.assert_trees_equal(p, {"w": torch.ones(3)})
     with pytest.raises(ValueError, match="no micro-batches"):
         accumulate_gradients(_grad_fn, p, [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_loss_sums_and_counts_are_summed_in_float32(dtype):
+    # 3 micro-batches of 1000 tokens: 3000 is not a bfloat16 number, and 3 * 60000 overflows float16.
+    def grad_fn(p, x):
+        loss = torch.tensor(60000.0 if dtype == torch.float16 else 1001.0, dtype=dtype)
+        return (loss, (loss, torch.tensor(1000.0, dtype=dtype))), {"w": x}
+
+    acc = accumulate_gradients(grad_fn, {"w": torch.ones(1)}, [torch.ones(1)] * 3)
+    assert acc.loss_sum.dtype == acc.count.dtype == torch.float32
+    assert float(acc.count) == 3000.0
+    assert float(acc.loss_sum) == 3 * (60000.0 if dtype == torch.float16 else 1000.0)  # bf16(1001) == 1000

@@ -17,6 +17,8 @@ from functional_memopt.train.loss_scale import (
 )
 from functional_memopt.testing import assert_trees_equal
 
+from _hypothesis import examples
+
 # What each step's gradient looks like: finite, or with one non-finite entry.
 KINDS = {
     "finite": [1.0, -2.0, 0.5],
@@ -180,6 +182,7 @@ def _small_problem(seed, width, depth, use_tanh):
     return params, loss
 
 
+@examples(50)
 @given(
     seed=st.integers(0, 2**31 - 1),
     width=st.integers(1, 8),

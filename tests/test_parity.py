@@ -22,14 +22,12 @@ Tolerances, in units of epsilon (see testing/tolerances.py for the factors):
 - Params under SGD move by lr times the gradient history, so their error is bounded by the same
   sum over the history of the gradient bound times the gradient's norm, plus one float32 rounding
   of the params a step, and doubled for the second-order effect of the params' own difference on
-  later gradients (lr * |Hessian| is small over three steps at these rates).
+  later gradients (tests/_bounds.py).
 - Adam divides each element by its own magnitude, so rounding noise on an element whose true
   gradient is zero (the attention key bias) becomes a full +-lr step of either sign; for AdamW the
   first moment (the gradient history, linear) is compared instead of the params. test_optim.py
   holds the AdamW update itself against torch's.
 """
-
-import math
 
 import optree
 import pytest
@@ -42,6 +40,7 @@ from functional_memopt import testing
 from functional_memopt.testing.reference import ImperativeTrainer, ReferenceGPT
 from functional_memopt.train.step import init_train_state, make_train_step
 
+from _bounds import FirstMomentBound, MomentumBound, l2, l2_difference
 from _hypothesis import examples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,9 +91,7 @@ def _check_against_the_recipe(cfg, data, precision, mode, opt_name):
     numel = sum(x.numel() for x in optree.tree_leaves(state.params))
     eps_c = torch.finfo(COMPUTE[precision]).eps
     applied = 0
-    p_bound = mu_bound = 0.0
-    buf = []  # SGD momentum: the bound on the momentum buffer's error, by step
-    p_max = 0.0
+    bound = MomentumBound(LR["sgd"], hp["momentum"]) if opt_name == "sgd" else FirstMomentBound(BETA1)
     for t, batch in enumerate(batches):
         ref = trainer.step(batch.tokens, batch.targets, batch.mask, batch.attention_mask)
         state, m = step(state, batch)
@@ -121,30 +118,17 @@ def _check_against_the_recipe(cfg, data, precision, mode, opt_name):
         rho_update = rho + (norm_tol if coef < 1.0 else 0.0)
         g = coef * ref_norm
         if opt_name == "sgd":
-            # buf_t = momentum * buf_(t-1) + g_t, params move by -lr * buf_t.
-            prev = buf[-1] if buf else 0.0
-            buf.append(hp["momentum"] * prev + rho_update * g)
-            p_max = max(p_max, _norm(trainer.model.params()))
-            p_bound += LR["sgd"] * buf[-1] + EPS32 * p_max
-            err = _norm_of_difference(state.params, trainer.model.params())
-            assert err <= 2 * p_bound, where + f"params differ by {err:.3e} (L2), bound {2 * p_bound:.3e}"
+            ref_params = trainer.model.params()
+            allowed = bound.step(rho_update, g, l2(ref_params))
+            err = l2_difference(state.params, ref_params)
+            assert err <= allowed, where + f"params differ by {err:.3e} (L2), bound {allowed:.3e}"
         else:
-            # mu_t = b1 * mu_(t-1) + (1 - b1) * g_t, one float32 rounding of mu a step.
             mu_ref = trainer.optimizer_state("exp_avg")
-            mu_bound = BETA1 * mu_bound + (1 - BETA1) * rho_update * g + EPS32 * _norm(mu_ref)
-            err = _norm_of_difference(state.opt_state.mu, mu_ref)
-            assert err <= 2 * mu_bound, where + f"AdamW's first moment differs by {err:.3e}, bound {2 * mu_bound:.3e}"
+            allowed = bound.step(rho_update, g, l2(mu_ref))
+            err = l2_difference(state.opt_state.mu, mu_ref)
+            assert err <= allowed, where + f"AdamW's first moment differs by {err:.3e}, bound {allowed:.3e}"
         applied += 1
     assert int(state.step) == applied
-
-
-def _norm(tree):
-    return math.sqrt(sum(float(x.double().square().sum()) for x in optree.tree_leaves(tree)))
-
-
-def _norm_of_difference(a, b):
-    la, lb = optree.tree_leaves(a), optree.tree_leaves(b)
-    return math.sqrt(sum(float((x.double() - y.double()).square().sum()) for x, y in zip(la, lb)))
 
 
 @examples(30)
