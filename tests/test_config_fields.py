@@ -9,7 +9,9 @@ dot product over a fan-in of m terms is exact to m * eps32 relative to the sum o
 magnitudes, and the widest sum here is the MLP's (mlp_ratio * n_embd <= 4 * 24 = 96 terms): about
 1e-5 for the logits of order 1 these weights give, the tolerance test_gpt2.py holds as well. A
 layer-norm epsilon drawn in [1e-3, 1] against features of variance ~0.5 changes the normalised
-features by eps / (2 var) >= 1e-3 relative: a hundred times the tolerance.
+features by eps / (2 var) >= 1e-3 relative: a hundred times the tolerance. Widths of 4 and more,
+as for every tolerance here (testing/tolerances.py): layer norm over 1 or 2 features divides the
+rounding by their spread, which can be near zero.
 """
 
 import dataclasses
@@ -39,7 +41,7 @@ def _tokens(cfg, seed, rows=2):
     return tokens, (torch.arange(cfg.block_size)[None] < lengths[:, None]).long()
 
 
-@given(testing.configs(bias=True, max_layer=2, max_block=8), epsilons, st.integers(0, 2**16))
+@given(testing.configs(bias=True, max_layer=2, max_block=8, min_head_dim=4), epsilons, st.integers(0, 2**16))
 def test_layer_norm_eps_and_mlp_ratio_give_hugging_face_gpt2_logits(cfg, eps, seed):
     cfg = dataclasses.replace(cfg, layer_norm_eps=eps)  # mlp_ratio is drawn by configs(): GPT-2's n_inner
     model = make_hf_gpt2(cfg, seed, scale=0.5)
@@ -53,7 +55,7 @@ def test_layer_norm_eps_and_mlp_ratio_give_hugging_face_gpt2_logits(cfg, eps, se
                                hf_logits(model, tokens, mask)[real], **TOL)
 
 
-@given(testing.configs(max_layer=2, max_block=8), epsilons, st.integers(0, 2**16))
+@given(testing.configs(max_layer=2, max_block=8, min_head_dim=4), epsilons, st.integers(0, 2**16))
 def test_bias_free_models_with_any_eps_and_mlp_ratio_give_the_reference_module_logits_and_gradients(cfg, eps, seed):
     cfg = dataclasses.replace(cfg, layer_norm_eps=eps)
     g = torch.Generator().manual_seed(seed)

@@ -46,7 +46,9 @@ def from_pretrained(path, **kw):
     return model.eval()
 
 
-@given(testing.configs(bias=True, max_layer=2, max_block=10), st.integers(0, 2**31 - 1),
+# Widths of 4 and more: layer norm over 2 features that nearly agree divides their rounding by a
+# tiny spread (seen under the thorough profile: 1.2e-5 at n_embd 2, past the 1e-5 tolerance).
+@given(testing.configs(bias=True, max_layer=2, max_block=10, min_head_dim=4), st.integers(0, 2**31 - 1),
        st.sampled_from(["eager", "sdpa"]))
 def test_apply_gives_the_logits_of_the_hugging_face_model_with_the_same_weights(cfg, seed, attn_implementation):
     model = make_hf_gpt2(cfg, seed, scale=0.5, attn_implementation=attn_implementation)

@@ -317,6 +317,28 @@ def test_static_loss_scale_rejects_a_non_positive_scale(value):
         static_loss_scale(value)
 
 
+def test_loss_scale_specs_name_none_dynamic_or_a_number_and_nothing_else():
+    from functional_memopt.train.loss_scale import DynamicLossScale, loss_scale_from_spec
+
+    assert isinstance(loss_scale_from_spec(" None "), NoOpLossScale)
+    assert isinstance(loss_scale_from_spec("dynamic"), DynamicLossScale)
+    assert float(loss_scale_from_spec(1024).loss_scale) == 1024.0
+    for bad in ("abc", "inf", "0", "-4", "nan"):
+        with pytest.raises(ValueError, match=r"^loss_scale_from_spec: a loss scale is none, dynamic or a number > 0"):
+            loss_scale_from_spec(bad)
+
+
+def test_factories_take_one_element_float_tensors_as_numbers():
+    assert float(static_loss_scale(torch.tensor(8.0)).loss_scale) == 8.0
+    assert float(dynamic_loss_scale(torch.tensor(16.0), growth_factor=torch.tensor(4.0)).growth_factor) == 4.0
+
+
+@pytest.mark.parametrize("name", ["growth_factor", "backoff_factor", "min_loss_scale", "initial"])
+def test_dynamic_loss_scale_names_an_argument_that_is_not_a_number(name):
+    with pytest.raises(TypeError, match=rf"^dynamic_loss_scale: {name} must be a Python number"):
+        dynamic_loss_scale(**{name: "2"})
+
+
 def test_factories_reject_wrong_types():
     with pytest.raises(TypeError, match="growth_interval"):
         dynamic_loss_scale(growth_interval=2.5)

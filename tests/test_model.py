@@ -160,6 +160,8 @@ def test_token_id_outside_vocab_names_the_id_and_vocab_size():
         fm.apply(params, torch.tensor([[1, 13]]), CFG)
     with pytest.raises(ValueError, match=r"token id -1"):
         fm.apply(params, torch.tensor([[-1, 2]]), CFG)
+    with pytest.raises(ValueError, match=r"token id 13 "):  # the bad id, not the smallest (0)
+        fm.apply(params, torch.tensor([[0, 13]]), CFG)
 
 
 def test_sequence_longer_than_block_size_gives_both_numbers():

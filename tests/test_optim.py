@@ -385,6 +385,51 @@ def test_bad_hyper_parameters_raise_value_error_naming_the_argument(make, name):
         make()
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(b1=1.0), r"^adamw: b1 must be in \[0, 1\), got 1.0"),
+        (dict(b2=-0.5), r"^adamw: b2 must be in \[0, 1\), got -0.5"),
+        (dict(eps=0.0), r"^adamw: eps must be a finite number > 0, got 0.0"),
+        (dict(weight_decay=-1.0), r"^adamw: weight_decay must be a finite number >= 0, got -1.0"),
+    ],
+)
+def test_adamw_messages_name_the_function_the_argument_and_the_range(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        adamw(1e-3, **kwargs)
+
+
+def test_adamw_takes_the_ends_of_its_ranges_and_needs_no_params_without_decay():
+    params = {"w": torch.ones(2)}
+    for kwargs in (dict(b1=0.0), dict(b2=0.0), dict(weight_decay=0.0)):
+        adamw(1e-3, **kwargs)
+    opt = adamw(1e-3, weight_decay=0.0)
+    updates, _ = opt.update({"w": torch.ones(2)}, opt.init(params))  # no params: nothing decays
+    # lr * g / (|g| + eps): 1e-8 from -lr relative, plus a few float32 roundings.
+    torch.testing.assert_close(updates["w"], torch.full((2,), -1e-3), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("what", ["state.mu", "state.nu", "params"])
+def test_adamw_names_the_tree_whose_structure_does_not_match(what):
+    params, grads = {"w": torch.ones(2)}, {"w": torch.ones(2)}
+    opt = adamw(1e-3, weight_decay=0.1)
+    state = opt.init(params)
+    other = {"v": torch.ones(2)}
+    if what == "params":
+        args = (state, other)
+    else:
+        args = (state._replace(**{what.split(".")[1]: other}), params)
+    with pytest.raises(ValueError, match=rf"^adamw: {what} must have the structure of the updates"):
+        opt.update(grads, *args)
+
+
+def test_adamw_mask_of_another_structure_names_adamw_and_the_mask():
+    params = {"w": torch.ones(2)}
+    opt = adamw(1e-3, mask={"v": True})
+    with pytest.raises(ValueError, match=r"^adamw: mask must have the structure"):
+        opt.update(params, opt.init(params), params)
+
+
 def test_a_learning_rate_of_the_wrong_type_raises_type_error():
     with pytest.raises(TypeError, match="learning_rate"):
         adamw("0.001")

@@ -24,9 +24,12 @@ Tolerances, in units of epsilon (see testing/tolerances.py for the factors):
   of the params a step, and doubled for the second-order effect of the params' own difference on
   later gradients (tests/_bounds.py).
 - Adam divides each element by its own magnitude, so rounding noise on an element whose true
-  gradient is zero (the attention key bias) becomes a full +-lr step of either sign; for AdamW the
-  first moment (the gradient history, linear) is compared instead of the params. test_optim.py
-  holds the AdamW update itself against torch's.
+  gradient is (near) zero becomes a full +-lr step of either sign. For AdamW the first moment
+  (the gradient, linear) is compared instead of the params, at the first applied step; after it
+  the runs stand at params that differ by O(lr), not by rounding, and only the skip decisions and
+  the loss scale are compared (seen under the thorough profile: a 2% gradient-norm difference at
+  step 2 in cast mode). test_optim.py holds the AdamW update itself against torch's, and the SGD
+  runs hold the params at every step.
 """
 
 import optree
@@ -96,16 +99,23 @@ def _check_against_the_recipe(cfg, data, precision, mode, opt_name):
         ref = trainer.step(batch.tokens, batch.targets, batch.mask, batch.attention_mask)
         state, m = step(state, batch)
         where = f"step {t + 1} ({precision}, {mode}, {opt_name}, {hp}): "
+        assert float(m["tokens"]) == ref["tokens"], where + "tokens"
+        assert bool(m["skipped"]) == ref["skipped"], where + "skip decision"
+        assert float(m["loss_scale"]) == ref["loss_scale"], where + "loss scale used"
+        if opt_name == "adamw" and applied > 0:
+            # After one AdamW step the two runs stand at params that differ by up to +-lr per element
+            # (Adam's sign of a near-zero gradient whose rounding differs), so what they compute
+            # next is no longer a rounding difference of one computation: only the skip decisions
+            # and the scale are held from here on.
+            applied += 0 if ref["skipped"] else 1
+            continue
         same_arithmetic = precision == "fp32" or (mode == "autocast" and t == 0)
         eps = EPS32 if same_arithmetic else eps_c
         n = ref["tokens"]
         # The loss: summed over n tokens in two orders, and within the loss factor of float32.
         loss_tol = 2 * testing.LOSS_TOLERANCE_FACTOR * eps + max(n - 1, 0) * EPS32
-        assert float(m["tokens"]) == n, where + "tokens"
         assert abs(float(m["loss"]) - ref["loss"]) <= loss_tol * abs(ref["loss"]) + EPS32, (
             where + f"loss {float(m['loss'])!r} against the recipe's {ref['loss']!r}")
-        assert bool(m["skipped"]) == ref["skipped"], where + "skip decision"
-        assert float(m["loss_scale"]) == ref["loss_scale"], where + "loss scale used"
         if ref["skipped"]:
             continue
         rho = 2 * testing.GRAD_TOLERANCE_FACTOR * eps  # the gradients' relative L2 error bound

@@ -224,3 +224,18 @@ def test_autocast_and_cast_modes_agree_with_each_other_within_tolerance():
     grads = {mode: torch.func.grad(loss)(params, mode) for mode in ("cast", "autocast")}
     tol = tolerance(torch.bfloat16, factor=2 * GRAD_TOLERANCE_FACTOR)
     assert relative_error(grads["cast"], grads["autocast"]) <= tol
+
+
+def test_autocast_mode_finds_the_device_past_non_tensor_leaves_and_defaults_to_the_cpu():
+    # The device is that of the first floating leaf: a Python number before it is skipped, and a
+    # tree with no floating leaf at all runs under the CPU's autocast.
+    f = with_policy(lambda p, x: (p["b"] * x).sum() * p["a"], "mixed_bf16", mode="autocast")
+    assert f({"a": 3, "b": torch.ones(2)}, torch.ones(2)).dtype == torch.float32
+    seen = {}
+
+    def g(p, x):
+        seen["dtype"] = F.linear(x, x).dtype  # lowered only if the CPU's autocast is on
+        return x.sum()
+
+    with_policy(g, "mixed_bf16", mode="autocast")({"i": torch.arange(3)}, torch.ones(2, 2))
+    assert seen["dtype"] == torch.bfloat16

@@ -156,6 +156,11 @@ def test_step_variants_match_the_plain_step(variant):
                                     rtol=1e-6, atol=1e-6)
 
 
+def test_a_train_state_of_an_empty_tree_starts_at_step_zero():
+    state = init_train_state({}, sgd(0.1))
+    assert state.step.dtype == torch.int64 and int(state.step) == 0 and state.params == {}
+
+
 def test_train_state_round_trips_through_flatten_with_non_default_values():
     opt = adamw(1e-3)
     state = init_train_state(fm.init_params(SMALL), opt, loss_scale=dynamic_loss_scale(2.0**5, growth_interval=7, min_loss_scale=2.0))
@@ -181,6 +186,9 @@ def test_metrics_report_loss_tokens_scale_and_norm():
 def test_bad_step_arguments_are_rejected():
     with pytest.raises(ValueError, match="accum_steps"):
         make_train_step(SMALL, sgd(0.1), accum_steps=0)
+    for bad in (2.0, True):
+        with pytest.raises(ValueError, match="accum_steps must be an int"):
+            make_train_step(SMALL, sgd(0.1), accum_steps=bad)
     with pytest.raises(ValueError, match="max_grad_norm"):
         make_train_step(SMALL, sgd(0.1), max_grad_norm=-1.0)
     with pytest.raises(ValueError, match="between 1 and the batch size"):
