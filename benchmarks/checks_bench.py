@@ -14,6 +14,9 @@ to the unchecked step of the same round.
 2. The same steps around a loss that costs next to nothing (one pass over every leaf): the batch,
    the update and the host sync are the same, so the differences are the checks' own cost,
    resolved far below that noise. Reported as a share of the whole unchecked step.
+3. What skipping a donated step's non-finite update inside the step would cost: a dry run of the
+   optimizer's update, undonated, before the donated one (the pure update of AdamW over the same
+   params, as a share of the step). ARCHITECTURE.md says why the step does not pay it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import os
 import resource
 import statistics
 
+import optree
 import torch
 
 import functional_memopt as fm
@@ -73,6 +77,21 @@ def interleaved(cfg, policy: str, data, *, loss_fn, rounds: int, warmup: int) ->
     return times
 
 
+def dry_run_s(cfg, policy: str, reps: int) -> list[float]:
+    """User CPU seconds of the pure AdamW update of the tiny preset's master params, ``reps`` times."""
+    opt = fm.adamw(fm.warmup_cosine(2e-3, 10, 10_000), weight_decay=0.1, mask=fm.decay_mask)
+    state = fm.init_train_state(fm.init_params(cfg), opt, policy=policy)
+    g = torch.Generator().manual_seed(0)
+    grads = optree.tree_map(lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype) * 1e-2, state.params)
+    times = []
+    for r in range(reps + 3):
+        t0 = user_s()
+        opt.update(grads, state.opt_state, state.params)
+        if r >= 3:
+            times.append(user_s() - t0)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", default="mixed_bf16", help="precision policy (default mixed_bf16)")
@@ -96,6 +115,10 @@ def main() -> None:
         out["whole"][name] = {"ms": w * 1e3, "percent": 100 * w / base}
         out["alone"][name] = {"ms": a * 1e3, "percent": 100 * a / base}
         print(f"{name:12} {w * 1e3:+9.2f} ms = {100 * w / base:+6.2f}% {a * 1e3:+12.3f} ms = {100 * a / base:+7.3f}%")
+    dry = statistics.median(dry_run_s(cfg, args.policy, args.reps))
+    out["dry_run"] = {"ms": dry * 1e3, "percent": 100 * dry / base}
+    print(f"{'dry run':12} {dry * 1e3:+9.2f} ms = {100 * dry / base:+6.2f}%  (a pure AdamW update: what skipping a "
+          "donated step's non-finite update in the step would add)")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 import functional_memopt as fm
 from functional_memopt.app.cli import main
-from functional_memopt.app.faults import FAULT_PHASES, install_fault_hook
+from functional_memopt.app.faults import WRITE_PHASES, install_fault_hook
 from functional_memopt.io.checkpoint import STATE_JSON, checkpoint_info
 from functional_memopt.io.files import JSON_SEAL, add_write_hook, machine_memory
 from functional_memopt.memory.rss import rss_now
@@ -102,7 +102,7 @@ def test_every_fault_phase_is_reached_and_a_kill_at_any_of_them_then_resume_give
         assert train(run, *SIX) == 0
     finally:
         remove()
-    assert {phase for phase, _ in snaps} == set(FAULT_PHASES)
+    assert {phase for phase, _ in snaps} == set(WRITE_PHASES)
     assert len(snaps) == 4 + 3 * 13  # config.json once, then three checkpoints of 13 phases each
     for phase, copy in snaps:
         capsys.readouterr()
@@ -485,16 +485,34 @@ def test_two_identical_runs_write_byte_identical_params_files(tmp_path, straight
     assert (tmp_path / "again/params.safetensors").read_bytes() == (straight / "params.safetensors").read_bytes()
 
 
-def test_an_update_that_is_not_finite_stops_the_run_naming_the_leaves_and_keeps_the_last_checkpoint(tmp_path, capsys):
+def test_an_update_that_is_never_finite_is_skipped_then_stops_the_run_keeping_the_last_checkpoint(tmp_path, capsys):
+    # The step donates its state, so the non-finite update overwrote it: the loop rebuilds the state
+    # from the checkpoint, runs the step undonated, which skips the update; fp32 has no loss scale to
+    # lower, so the run then stops.
     run = tmp_path / "run"
     code = train(run, "--steps", "4", "--policy", "fp32", "--lr", "1e39", "--warmup-steps", "0",
                  "--max-grad-norm", "0")
     assert code == 1
     err = capsys.readouterr().err
     assert "the update of step 1 (learning rate 1e+39) would have written inf or nan into params." in err, err
+    assert "from finite gradients; skipped it (rebuilt from the checkpoint of step 0, 0 step(s) replayed)" in err
     assert "The last good checkpoint (step 0) is kept" in err
-    assert rows(run)[-1]["nonfinite_update"] is True
+    last = rows(run)[-1]
+    assert last["nonfinite_update"] is True and last["skipped"] is True and math.isfinite(last["grad_norm"])
     assert main(["verify", str(run)]) == 0
+
+
+def test_a_transient_fault_that_makes_an_update_non_finite_loses_nothing(tmp_path, straight, capsys, monkeypatch):
+    # A second moment of -1 in memory before step 5 (a memory fault): the donated update writes nan,
+    # the loop rebuilds the state from the checkpoint of step 3, replays step 4, and runs step 5 again
+    # undonated, now finite. The run ends bit for bit as the unbroken one.
+    monkeypatch.setenv("FUNCTIONAL_MEMOPT_FAULT", "step:begin@5=poison")
+    assert train(tmp_path / "run", *SIX) == 0
+    err = capsys.readouterr().err
+    assert ("update of step 5 (learning rate" in err and "run again, it was finite (a transient fault), so it was "
+            "applied (rebuilt from the checkpoint of step 3, 1 step(s) replayed)" in err), err
+    assert_same_run(tmp_path / "run", straight)
+    assert not any(r.get("skipped") for r in rows(tmp_path / "run"))
 
 
 def test_a_fault_spec_the_hook_cannot_read_is_a_one_line_error(tmp_path, capsys, monkeypatch):

@@ -18,6 +18,7 @@ import sys
 import time
 from typing import Any, NamedTuple
 
+import optree
 import torch
 import torch.distributed as dist
 
@@ -39,6 +40,7 @@ from ..train.loss_scale import loss_scale_from_spec
 from ..train.parallelism import Parallelism, single_process
 from ..train.precision import get_policy, with_policy
 from ..train.step import TrainState, init_train_state, make_loss_fn, make_train_step
+from .faults import poison_state
 from .format import format_bytes
 from .interrupt import StopRequest
 from .records import parse_meta
@@ -80,6 +82,7 @@ class _Run:
     optimizer: Any
     schedule: Any
     step_fn: Any
+    make_step: Any  # donate -> a step built like step_fn (the replay of a non-finite update runs one undonated)
     state: TrainState
     files: RunFiles
     train_data: torch.Tensor
@@ -154,12 +157,16 @@ def _set_up(args: TrainArgs, cfg: ModelConfig, resolved: Resolved, run_dir: str,
                              f"{T}; use a longer --corpus or a shorter --seq-len.")
     policy = get_policy(resolved.policy)
     opt, sched = build_optimizer(args, resolved.warmup_steps)
-    step_fn = make_train_step(cfg, opt, policy=policy, accum_steps=resolved.accum_steps, remat=args.remat,
-                              max_grad_norm=args.max_grad_norm or None, loss_chunk=resolved.loss_chunk, donate=True,
-                              parallel=parallel, compile=resolved.compile)
-    if args.gc_every > 0:
-        step_fn = with_memory_hygiene(step_fn, gc_every=args.gc_every, empty_cache=device.type == "cuda",
-                                      stats=False)
+
+    def make_step(donate: bool):
+        fn = make_train_step(cfg, opt, policy=policy, accum_steps=resolved.accum_steps, remat=args.remat,
+                             max_grad_norm=args.max_grad_norm or None, loss_chunk=resolved.loss_chunk, donate=donate,
+                             parallel=parallel, compile=resolved.compile)
+        if args.gc_every > 0:
+            fn = with_memory_hygiene(fn, gc_every=args.gc_every, empty_cache=device.type == "cuda", stats=False)
+        return fn
+
+    step_fn = make_step(True)
     state = init_train_state(init_params(cfg, seed=args.seed, device=device), opt, policy=policy, parallel=parallel,
                              loss_scale=loss_scale_from_spec(resolved.loss_scale, device=device))
     files = RunFiles(run_dir, main=info.rank == 0)
@@ -189,8 +196,8 @@ def _set_up(args: TrainArgs, cfg: ModelConfig, resolved: Resolved, run_dir: str,
     val_batches = [sample_batch(val_data, val_rows, T, seed=VAL_SEED, index=i, device=device)
                    for i in range(args.eval_batches)]
     end = min(args.steps, args.stop_at) if args.stop_at is not None else args.steps
-    run = _Run(args, cfg, resolved, run_dir, device, info, parallel, opt, sched, step_fn, state, files, train_data,
-               val_batches, end, start, skipped, bpb0, bpb, saved_at=start)
+    run = _Run(args, cfg, resolved, run_dir, device, info, parallel, opt, sched, step_fn, make_step, state, files,
+               train_data, val_batches, end, start, skipped, bpb0, bpb, saved_at=start)
     if resume and config is not None and start < end:
         _record_steps_change(run, config)
     return run
@@ -230,6 +237,38 @@ def _checkpoint(run: _Run) -> None:
                               f"is older, and a resume rewrites it.{hint}") from None
 
 
+def _batch(run: _Run, index: int):
+    """The batch of step ``index + 1`` (a function of the seed and the index), this rank's rows of it."""
+    batch = sample_batch(run.train_data, run.args.batch_size, run.resolved.seq_len, seed=run.args.seed, index=index,
+                         device=run.device)
+    return shard_batch(batch, run.info.rank, run.info.world_size) if run.info.world_size > 1 else batch
+
+
+def _replay_and_skip(run: _Run, batch, err: NonFiniteUpdateError, lr: float) -> dict:
+    """After a donated update wrote inf or nan: the state of the step before, then that step run undonated.
+
+    The donated step updated its state in place before the guard saw the result, so the state is
+    gone. It is rebuilt bit for bit: the newest checkpoint, then the steps since (batches are a
+    function of the index, and the steps are deterministic). The failed step then runs once more
+    without donation (one more copy of params and optimizer state, for this step only), which
+    skips a non-finite update like an overflow step, or applies it if it is finite this time (a
+    transient fault). Returns that step's metrics; ``run.state`` is its new state.
+    """
+    like = optree.tree_map(lambda x: torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape), run.state)
+    run.state = None  # the spent state is freed before the checkpoint is read
+    run.state, _ = load_checkpoint(run.run_dir, like, cfg=run.cfg, parallel=run.parallel, optimizer=run.optimizer)
+    for index in range(run.saved_at, run.it):
+        run.state, _ = run.step_fn(run.state, _batch(run, index))
+    run.state, m = run.make_step(False)(run.state, batch)
+    what = ("skipped it" if bool(m["nonfinite_update"])
+            else "run again, it was finite (a transient fault), so it was applied")
+    _say(run.info, f"memopt: the update of step {err.step} (learning rate {lr:.3g}) would have written inf or nan into "
+                   f"{', '.join(err.leaves[:4])}{' ...' if len(err.leaves) > 4 else ''} from finite gradients; "
+                   f"{what} (rebuilt from the checkpoint of step {run.saved_at}, {run.it - run.saved_at} step(s) "
+                   "replayed).")
+    return m
+
+
 def _evaluate(run: _Run, bar, quiet: bool) -> float:
     nats = evaluate(run.state.params, run.cfg, get_policy(run.resolved.policy), run.val_batches, info=run.info)
     run.files.record({"kind": "eval", "step": run.it, "val_loss": nats, "val_bpb": nats / math.log(2)})
@@ -246,35 +285,23 @@ def _loop(run: _Run, bar, stop: StopRequest, *, resume: bool, quiet: bool) -> tu
         _checkpoint(run)
     dynamic = hasattr(run.state.loss_scale, "min_loss_scale")
     while run.it < run.end and not stop.agreed():
-        batch = sample_batch(run.train_data, args.batch_size, run.resolved.seq_len, seed=args.seed, index=run.it,
-                             device=run.device)
-        if run.info.world_size > 1:
-            batch = shard_batch(batch, run.info.rank, run.info.world_size)
+        batch = _batch(run, run.it)
         lr = float(run.schedule(int(run.state.step)))
         t0 = time.perf_counter()
+        poison_state(run.state, run.it + 1)  # FUNCTIONAL_MEMOPT_FAULT=step:begin@<n>=poison, or nothing
         try:
             run.state, m = run.step_fn(run.state, batch)
-        except NonFiniteUpdateError as err:  # the donated state is unusable: stop, keeping the last checkpoint
-            run.files.record({"kind": "train", "step": run.it + 1, "skipped": True, "nonfinite_update": True,
-                              "leaves": err.leaves[:20], "lr": lr})
-            run.failure = (f"the update of step {run.it + 1} (learning rate {lr:.3g}) would have written inf or nan "
-                           f"into {', '.join(err.leaves[:4])}{' ...' if len(err.leaves) > 4 else ''} from finite "
-                           "gradients, so nothing of it was saved")
-            return "diverged", {}
+        except NonFiniteUpdateError as err:  # the donated state is spent: replay to here, then skip the update
+            m = _replay_and_skip(run, batch, err, lr)
         vals = {k: float(v) for k, v in m.items()}  # one host sync, which the step made anyway
         run.step_times.append(time.perf_counter() - t0)
         run.step_s += run.step_times[-1]
         run.it += 1
-        run.tokens += vals["tokens"]  # of all ranks: the metrics are global
-        run.skipped += int(vals["skipped"])
-        peak = peak_bytes(run.device)
-        run.files.record({"kind": "train", "step": run.it, **vals, "skipped": bool(vals["skipped"]), "lr": lr,
-                          "tokens_per_s": run.tokens / run.step_s, "peak_bytes": peak})
-        bar.set_postfix_str(f"loss {vals['loss'] / math.log(2):.3f} bits/byte | {run.tokens / run.step_s:,.0f} tok/s"
-                            f" | peak {_peak_label(run.device)} {format_bytes(peak, unit='MiB', digits=0)} | scale "
-                            f"{vals['loss_scale']:g} | skipped {run.skipped}", refresh=False)
-        bar.update(1)
+        _report_step(run, bar, vals, lr)
         if vals["skipped"] and not (dynamic and vals["loss_scale"] > float(run.state.loss_scale.min_loss_scale)):
+            if vals["nonfinite_update"]:
+                run.failure = (f"the update of step {run.it} (learning rate {lr:.3g}) would have written inf or nan "
+                               "from finite gradients (it was skipped)")
             return "diverged", vals  # non-finite with no loss scaling left to recover
         if run.it % run.resolved.eval_interval == 0 or run.it == run.end:
             run.bpb = _evaluate(run, bar, quiet)
@@ -286,6 +313,20 @@ def _loop(run: _Run, bar, stop: StopRequest, *, resume: bool, quiet: bool) -> tu
     elif run.end < args.steps:
         status = "stopped"
     return status, vals
+
+
+def _report_step(run: _Run, bar, vals: dict, lr: float) -> None:
+    """Count the step just taken, add its row to metrics.jsonl and show it on the bar."""
+    run.tokens += vals["tokens"]  # of all ranks: the metrics are global
+    run.skipped += int(vals["skipped"])
+    peak = peak_bytes(run.device)
+    run.files.record({"kind": "train", "step": run.it, **vals, "skipped": bool(vals["skipped"]),
+                      "nonfinite_update": bool(vals["nonfinite_update"]), "lr": lr,
+                      "tokens_per_s": run.tokens / run.step_s, "peak_bytes": peak})
+    bar.set_postfix_str(f"loss {vals['loss'] / math.log(2):.3f} bits/byte | {run.tokens / run.step_s:,.0f} tok/s"
+                        f" | peak {_peak_label(run.device)} {format_bytes(peak, unit='MiB', digits=0)} | scale "
+                        f"{vals['loss_scale']:g} | skipped {run.skipped}", refresh=False)
+    bar.update(1)
 
 
 def _peak_label(device: torch.device) -> str:
