@@ -186,7 +186,9 @@ def make_train_step(
     if parallel is not None and not isinstance(parallel, Parallelism):
         raise TypeError(f"make_train_step: parallel must be a Parallelism (e.g. data_parallel()) or None, "
                         f"got {type(parallel).__name__}.")
-    jit_cast = loss_fn is None and policy_mode == "cast"
+    # Just-in-time casts pay under a mixed policy; with one dtype the policy's single cast at entry
+    # (a no-op for params already in it) saves a tree walk per block and micro-batch.
+    jit_cast = loss_fn is None and policy_mode == "cast" and pol.compute_dtype != pol.param_dtype
     if loss_fn is None:
         if cfg is None:
             raise ValueError("make_train_step: pass a ModelConfig or a loss_fn.")
