@@ -55,3 +55,21 @@ def test_half_loss_sums_and_counts_are_summed_in_float32(dtype):
     assert acc.loss_sum.dtype == acc.count.dtype == torch.float32
     assert float(acc.count) == 3000.0
     assert float(acc.loss_sum) == 3 * (60000.0 if dtype == torch.float16 else 1000.0)  # bf16(1001) == 1000
+
+
+@pytest.mark.parametrize("engine", ["autograd", "func"])
+def test_a_gradient_tensor_shared_by_two_leaves_is_summed_once_per_micro_batch(engine):
+    # d/da and d/db of ((a + b) * x).sum() are one tensor (AddBackward hands the same one to both
+    # inputs); summed over two micro-batches each leaf must get x1 + x2, not a leaf's sum added twice.
+    import functional_memopt as fm
+
+    params = {"a": torch.zeros(3), "b": torch.zeros(3)}
+    xs = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0])]
+
+    def loss(p, x):
+        s = ((p["a"] + p["b"]) * x).sum()
+        return s, (s.detach(), torch.tensor(1.0))
+
+    grad_fn = fm.value_and_grad(loss, has_aux=True, engine=engine)
+    acc = accumulate_gradients(grad_fn, params, xs)
+    assert torch.equal(acc.grads["a"], xs[0] + xs[1]) and torch.equal(acc.grads["b"], xs[0] + xs[1])

@@ -62,7 +62,11 @@ def accumulate_gradients(
         wide = [g.to(accumulator_dtype(g.dtype)) for g in leaves]
         if acc_leaves is None:
             # The first micro-batch's gradients become the accumulator (no zeros allocated);
-            # they are fresh tensors owned by this fold, so adding into them in place is safe.
+            # they are fresh tensors owned by this fold, so adding into them in place is safe, once
+            # each leaf has its own: an engine may hand one tensor to two leaves (the gradient of
+            # ``a + b`` reaches both as the same tensor), which would then be added into twice.
+            seen: set[int] = set()
+            wide = [g.clone() if id(g) in seen or seen.add(id(g)) else g for g in wide]
             acc_leaves, spec = wide, spec_i
             loss_sum = mb_loss.to(accumulator_dtype(mb_loss.dtype))
             count = mb_count.to(accumulator_dtype(mb_count.dtype))
