@@ -283,6 +283,23 @@ def test_a_flipped_bit_in_params_safetensors_is_reported_by_sample_and_verify_an
     assert_same_run(run, straight)
 
 
+def test_a_flipped_bit_in_metrics_jsonl_that_still_parses_is_reported_by_verify_and_resume(tmp_path, straight,
+                                                                                          capsys):
+    # A digit of a logged loss changed (still valid JSON, steps intact): the checkpoint's sha256 of
+    # the log tells. Resume says so and goes on (the state does not depend on the log); verify fails.
+    run = copy_of(straight, tmp_path)
+    data = (run / "metrics.jsonl").read_bytes()
+    at = data.index(b'"loss": ') + len(b'"loss": ') + 3  # a digit after "d.d"
+    assert data[at:at + 1].isdigit()
+    flip_bits(run / "metrics.jsonl", [(at, 0)])
+    assert (run / "metrics.jsonl").read_bytes()[at:at + 1].isdigit() and len(rows(run)) == len(rows(straight))
+    capsys.readouterr()
+    assert main(["verify", str(run)]) == 1
+    assert "DAMAGED  metrics.jsonl: its rows up to the checkpoint do not match the sha256" in capsys.readouterr().out
+    assert resume(run, "--steps", "7") == 0
+    assert "metrics.jsonl in" in (err := capsys.readouterr().err) and "does not match the checksum" in err, err
+
+
 def test_a_checkpoint_whose_damage_kept_its_checksum_is_refused_by_the_state_invariants(tmp_path, straight, capsys):
     # Negative, finite second moments (as the 64 damaged bytes) in a checkpoint with no checksum
     # (an earlier version wrote it): the values themselves are refused, before any step runs.

@@ -187,7 +187,9 @@ def _set_up(args: TrainArgs, cfg: ModelConfig, resolved: Resolved, run_dir: str,
                        "wrote it); its values were checked, its bytes cannot be.")
         on_main(lambda: repair_params(files, state, cfg, run_dir, lambda text: _say(info, text)),
                 what="checking params.safetensors")
-        files.reopen(meta["metrics_bytes"])
+        warning = files.reopen(meta["metrics_bytes"], meta.get("metrics_sha256"))
+        if warning:
+            _say(info, warning)
     else:
         config = {"format": RUN_FORMAT, "format_version": 1, "library_version": __version__,
                   "model": cfg.to_dict(), "train": dataclasses.asdict(args), "resolved": resolved._asdict()}
@@ -216,7 +218,7 @@ def _record_steps_change(run: _Run, config: dict) -> None:
 
 def _checkpoint(run: _Run) -> None:
     meta = {"batch_index": run.it, "skipped": run.skipped, "metrics_bytes": run.files.tell(),
-            "val_bpb_start": run.bpb0, "val_bpb": run.bpb}
+            "metrics_sha256": run.files.digest(), "val_bpb_start": run.bpb0, "val_bpb": run.bpb}
     hint = f" Then continue with: memopt train --resume {run.run_dir}"
     try:
         save_checkpoint(run.run_dir, run.state, cfg=run.cfg, meta=meta, parallel=run.parallel,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any
 
 from ..model.config import ACTIVATIONS, ModelConfig
@@ -76,7 +77,7 @@ _RESOLVED = {
     "compile": ("true or false", False, None, ""),
 }
 # Fields that later versions added: a run recorded before them takes their defaults.
-_ADDED = {"loss_chunk", "compile", "activation"}
+_ADDED = {"loss_chunk", "compile", "activation", "metrics_sha256"}
 _MODEL = {
     **{k: (_INT, False, lambda v: v >= 1, ">= 1") for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd",
                                                             "mlp_ratio")},
@@ -153,6 +154,7 @@ _META = {
     "metrics_bytes": (_INT, False, lambda v: v >= 0, ">= 0"),
     "val_bpb_start": (_FLOAT, True, lambda v: v >= 0, ">= 0"),
     "val_bpb": (_FLOAT, True, lambda v: v >= 0, ">= 0"),
+    "metrics_sha256": (_STR, True, lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None, "of 64 hex digits"),
 }
 
 

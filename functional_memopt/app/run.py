@@ -10,6 +10,7 @@ run rank 0 writes every file; :class:`RunFiles` does nothing on the other ranks.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -314,6 +315,7 @@ class RunFiles:
         self.run_dir = run_dir
         self.main = main
         self._log = None
+        self._digest = hashlib.sha256()  # of the log's bytes so far
 
     @property
     def metrics_path(self) -> str:
@@ -325,15 +327,32 @@ class RunFiles:
             prepare_run_dir(self.run_dir, force=force)
             _write_json(os.path.join(self.run_dir, "config.json"), config)
             self._log = open(self.metrics_path, "w", encoding="utf-8")
+            self._digest = hashlib.sha256()
 
-    def reopen(self, metrics_bytes: int) -> None:
-        """A resumed run: drop log lines written after the checkpoint, then append."""
+    def reopen(self, metrics_bytes: int, sha256: str | None = None) -> str | None:
+        """A resumed run: drop log lines written after the checkpoint, then append.
+
+        Returns a warning when the rows kept do not match ``sha256`` (the checkpoint's record of
+        them): the log was damaged or edited. The training state does not depend on it.
+        """
         if not self.main:
-            return
+            return None
         if os.path.exists(self.metrics_path):
             with open(self.metrics_path, "r+b") as f:
                 f.truncate(min(int(metrics_bytes), os.path.getsize(self.metrics_path)))
+        with open(self.metrics_path, "ab+") as f:
+            f.seek(0)
+            self._digest = hashlib.sha256(f.read())
         self._log = open(self.metrics_path, "a", encoding="utf-8")
+        if sha256 is not None and self._digest.hexdigest() != sha256:
+            return (f"memopt: warning: metrics.jsonl in {self.run_dir} does not match the checksum its checkpoint "
+                    "recorded (the log was damaged or edited); training resumes from the checkpoint, whose state "
+                    "does not depend on it, and memopt verify reports it.")
+        return None
+
+    def digest(self) -> str | None:
+        """sha256 of metrics.jsonl so far (None off rank 0): the checkpoint records it."""
+        return None if self._log is None else self._digest.hexdigest()
 
     def record(self, obj: dict) -> None:
         """Append one line to metrics.jsonl and flush it."""
@@ -341,8 +360,10 @@ class RunFiles:
             return
         # Strict JSON has no nan or inf: write those as strings so every reader can parse the file.
         obj = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in obj.items()}
-        self._log.write(json.dumps(obj) + "\n")
+        line = json.dumps(obj) + "\n"
+        self._log.write(line)
         self._log.flush()
+        self._digest.update(line.encode("utf-8"))
 
     def tell(self) -> int:
         """Bytes of metrics.jsonl so far (0 off rank 0): a checkpoint's place in the log."""

@@ -3,14 +3,15 @@
 Checked: config.json (every field); state.json (every field, and the loop's meta); the checkpoint's
 tensor file (its sha256, then finite values and the training-state invariants, loaded into the
 state its config describes); params.safetensors (its sha256, the step it holds, and its values
-equal to the checkpoint's params in its stored dtype); metrics.jsonl (one row per step up to the
-checkpoint, none repeated). Temporary files of interrupted writes and rows written after the
+equal to the checkpoint's params in its stored dtype); metrics.jsonl (its sha256 up to the checkpoint,
+as the checkpoint recorded it; one row per step, none repeated). Temporary files of interrupted writes and rows written after the
 checkpoint are reported as notes: the next resume removes them, they are not damage.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -47,6 +48,9 @@ def _check_metrics(path: str, meta: dict | None) -> tuple[str | None, str]:
     upto = meta["metrics_bytes"] if meta else len(data)
     if upto > len(data):
         return f"holds {len(data)} bytes, fewer than the {upto} the checkpoint counted (truncated)", ""
+    recorded = (meta or {}).get("metrics_sha256")
+    if recorded and hashlib.sha256(data[:upto]).hexdigest() != recorded:
+        return "its rows up to the checkpoint do not match the sha256 the checkpoint recorded (damaged or edited)", ""
     rows, seen = [], set()
     for i, line in enumerate(data[:upto].splitlines(), 1):
         try:
