@@ -1,12 +1,12 @@
 """The benchmark: functional step against the imperative recipe, technique costs, compile, memory.
 
 Run from the repository root:
-    python benchmarks/run.py                 # full CPU run (about 5 minutes on 2 shared cores)
+    python benchmarks/run.py                 # full CPU run (about 30 minutes on 2 cores, half of it compiling)
     python benchmarks/run.py --quick         # a reduced run, well under a minute
     python benchmarks/run.py --device cuda   # the CUDA run (benchmarks/gpu_check.sh calls it)
 
-Writes results.json and RESULTS.md into --out (default: this folder). Every figure in RESULTS.md
-comes from results.json; nothing is written by hand.
+Writes results.json, RESULTS.md and growth.png into --out (default: this folder): this one command
+regenerates them all. Every figure in RESULTS.md comes from results.json; nothing is written by hand.
 """
 
 from __future__ import annotations
@@ -34,14 +34,13 @@ from harness import report  # noqa: E402
 from harness.spawn import emit, spawn  # noqa: E402
 from harness.timing import primary_clock  # noqa: E402
 
-MICRO = dict(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=64)  # compile section
 SMOKE = dict(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32)  # the harness's own test
 
 
 def plan_for(mode: str, device: torch.device) -> dict:
     """What each section runs for a mode ("full", "quick", "smoke") on a device."""
     tiny, small = fm.get_config("tiny"), fm.get_config("small")
-    micro, smoke = fm.ModelConfig(**MICRO), fm.ModelConfig(**SMOKE)
+    smoke = fm.ModelConfig(**SMOKE)
     if device.type == "cuda":
         gpt2 = fm.get_config("gpt2")
         return dict(
@@ -61,7 +60,8 @@ def plan_for(mode: str, device: torch.device) -> dict:
     return dict(speed_models=(("tiny", tiny, 8, 128, True, 2, 7), ("small", small, 8, 128, False, 1, 3)),
                 precisions=("fp32", "bf16"), post_grad_cfg=small, fold=(tiny, 8, 128), diag_reps=7,
                 fold_precisions=("fp32", "bf16"), memory=(tiny, 32, 128, 8), hygiene_steps=4,
-                compile=(micro, 4, 64, 5), gpu=None, budget=540)
+                compile=[("tiny", tiny, 8, 128, 5, p) for p in ("fp32", "bf16")]
+                + [("small", small, 8, 128, 3, p) for p in ("fp32", "bf16")], gpu=None, budget=1800)
 
 
 def machine_info(device: torch.device, threads: int, clock: str, argv: list[str]) -> dict:
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch intra-op threads (default: 1 on the CPU, so CPU time measures work alone)")
     parser.add_argument("--budget-s", type=float, default=None, help="time budget; late sections shrink or skip")
     parser.add_argument("--skip", default="",
-                        help="comma-separated sections to skip: speed,diagnostics,memory,compile,gpu")
+                        help="comma-separated sections to skip: speed,diagnostics,memory,compile,gpu,growth")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -168,16 +168,39 @@ def main(argv: list[str] | None = None) -> int:
         if not plan["compile"]:
             why = {"smoke": "--smoke", "quick": "--quick"}.get(mode, "on CUDA the gpu section compiles GPT-2")
             return {"skipped": why}
-        left = deadline - time.monotonic()
-        if left < 45:
-            return {"skipped": f"time budget: {left:.0f} s left of {budget:.0f} s"}
-        cfg_c, rows, seq, reps = plan["compile"]
-        log(f"compile: starting in a fresh process ({left:.0f} s left)")
-        spec = dict(cfg=cfg_c.to_dict(), rows=rows, seq=seq, reps=reps, device=device.type, threads=threads,
-                    precision="fp32")
-        return spawn("compile", spec, timeout=left)
+        runs = []
+        for preset, cfg_c, rows, seq, reps, precision in plan["compile"]:
+            left = deadline - time.monotonic()
+            if left < 60:
+                runs.append({"preset": preset, "precision": precision,
+                             "error": f"skipped: time budget ({left:.0f} s left of {budget:.0f} s)"})
+                continue
+            log(f"compile: {preset} {precision} in a fresh process ({left:.0f} s left)")
+            spec = dict(cfg=cfg_c.to_dict(), rows=rows, seq=seq, reps=reps, device=device.type, threads=threads,
+                        precision=precision)
+            res = spawn("compile", spec, timeout=left)
+            runs.append({"preset": preset, "precision": precision, **res})
+        return {"runs": runs}
 
-    sections = {"speed": speed, "diagnostics": diagnostics, "memory": memory, "gpu": gpu, "compile": compile_}
+    def growth_():
+        if mode != "full" or device.type != "cpu":
+            return {"skipped": "the full CPU run only (python benchmarks/growth.py runs it alone)"}
+        import growth
+
+        rows = []
+        for axis in growth.AXES:
+            for p in growth.points(axis):
+                log(f"growth: {p['series']} = {p.get('label', p['x'])}")
+                rows.append(growth.measure(p, warmup=1, reps=3))
+        result = {"rows": rows, "exponents": growth.exponents(rows), "chart": "growth.png"}
+        try:
+            growth.chart(result, os.path.join(args.out, "growth.png"))
+        except ImportError:
+            result["chart"] = None
+        return result
+
+    sections = {"speed": speed, "diagnostics": diagnostics, "memory": memory, "gpu": gpu, "compile": compile_,
+                "growth": growth_}
     order = ["gpu", "speed", "diagnostics", "memory", "compile"] if device.type == "cuda" else list(sections)
     for name in order:
         if name in skip:

@@ -32,7 +32,7 @@ class Variant:
     donate: bool = False  # functional in-place state update
     loss_scale: bool | None = None  # None: the precision's default (dynamic for fp16 only)
     hygiene_every: int = 0  # gc + cache clearing every N steps (0: off)
-    compile: bool = False  # torch.compile the functional step / the reference model
+    compile: bool = False  # make_train_step(compile=True) / torch.compile of the reference model
 
 
 class FunctionalRunner:
@@ -48,9 +48,7 @@ class FunctionalRunner:
         self.state = fm.init_train_state(own, opt, loss_scale=ls, policy=policy)
         step = fm.make_train_step(cfg, opt, policy=policy, accum_steps=v.accum, remat=v.remat,
                                   max_grad_norm=MAX_GRAD_NORM, donate=v.donate, engine=v.engine,
-                                  policy_mode=v.policy_mode)
-        if v.compile:
-            step = torch.compile(step)
+                                  policy_mode=v.policy_mode, compile=v.compile)
         if v.hygiene_every:
             step = fm.with_memory_hygiene(step, gc_every=v.hygiene_every, stats=False)
         self.step, self.batch = step, batch
