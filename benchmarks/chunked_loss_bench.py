@@ -1,12 +1,14 @@
 """What the chunked loss costs in step time: the same step with and without ``loss_chunk``, interleaved.
 
 Run:
-    python benchmarks/chunked_loss_bench.py [--repeats 7] [--out benchmarks/out/chunked_loss.json]
+    python benchmarks/chunked_loss_bench.py [--repeats 7] [--policy mixed_bf16] [--out benchmarks/out/chunked_loss.json]
 
 For the tiny and small presets (mixed bf16, the default run's shapes) and GPT-2's shape at a small
 batch, one process builds both steps on the same state and batch and times them alternately
 (CPU time per optimizer step, one thread, median of ``--repeats`` after a warm-up), so a busy
 machine slows both alike. The ratio chunked / plain is the cost; the chunk is the ledger's choice.
+On a CPU without bf16 instructions, bf16 matmuls are emulated and ten times slower than fp32:
+``--policy fp32`` then measures the same loss in minutes instead of an hour.
 """
 
 import argparse
@@ -21,6 +23,7 @@ import functional_memopt as fm
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--repeats", type=int, default=7)
+parser.add_argument("--policy", default="mixed_bf16", help="precision policy (default mixed_bf16)")
 parser.add_argument("--out", default=os.path.join("benchmarks", "out", "chunked_loss.json"))
 args = parser.parse_args()
 torch.set_num_threads(1)
@@ -37,8 +40,8 @@ for preset, rows, seq, accum, remat in CASES:
     chunk = fm.ablation(cfg, rows, seq, accum_steps=accum)[-1][1].settings.loss_chunk
     opt = fm.adamw(1e-4)
     batch = fm.sample_batch(data, rows, seq, seed=0, index=0)
-    state = fm.init_train_state(fm.init_params(cfg), opt, policy="mixed_bf16")
-    steps = {name: fm.make_train_step(cfg, opt, policy="mixed_bf16", accum_steps=accum, remat=remat, loss_chunk=c)
+    state = fm.init_train_state(fm.init_params(cfg), opt, policy=args.policy)
+    steps = {name: fm.make_train_step(cfg, opt, policy=args.policy, accum_steps=accum, remat=remat, loss_chunk=c)
              for name, c in (("plain", None), ("chunked", chunk))}
     times = {name: [] for name in steps}
     for i in range(args.repeats + 1):
@@ -56,5 +59,6 @@ for preset, rows, seq, accum, remat in CASES:
           f"chunked {med['chunked'] * 1e3:8.1f} ms, ratio {ratio:.3f}", flush=True)
 os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
 with open(args.out, "w") as f:
-    json.dump({"results": results, "repeats": args.repeats, "torch": torch.__version__}, f, indent=1)
+    json.dump({"results": results, "repeats": args.repeats, "policy": args.policy, "torch": torch.__version__}, f,
+              indent=1)
 print(f"wrote {args.out}")
