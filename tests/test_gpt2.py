@@ -253,3 +253,25 @@ def test_hf_from_params_builds_the_same_model_back():
     again = hf_from_params(params_from_hf(model), CFG)
     tokens, _ = tokens_and_mask(CFG, 13)
     torch.testing.assert_close(hf_logits(again, tokens), hf_logits(model, tokens), rtol=0, atol=0)
+
+
+@given(testing.configs(bias=True, max_layer=2, max_block=10, min_head_dim=2), st.integers(0, 2**31 - 1))
+def test_every_gradient_and_the_tied_one_equal_the_hugging_face_models_in_float64(cfg, seed):
+    # Hugging Face ties lm_head to wte, so autograd sums the embedding and head paths into one
+    # gradient there; the library's tied leaf must get exactly that sum, and every other leaf its
+    # HF gradient (mapped through the same state-dict layout, Conv1D transposes included).
+    model = make_hf_gpt2(cfg, seed, scale=0.5).double()
+    params = params_from_hf(model)
+    assert params["wte"].dtype == torch.float64
+    tokens, _ = tokens_and_mask(cfg, seed)
+    targets = tokens.roll(-1, dims=1)
+    logits = model(input_ids=tokens).logits
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").backward()
+    ours = torch.func.grad(lambda p: fm.loss_fn(p, tokens, targets, cfg)[0])(params)
+    mapped = gpt2_state_dict_from_params(ours, cfg)
+    hf = dict(model.named_parameters())
+    assert set(mapped) - {"lm_head.weight"} <= set(hf)
+    for name, grad in mapped.items():
+        if name in hf:
+            torch.testing.assert_close(grad, hf[name].grad, rtol=1e-10, atol=1e-12, msg=name)
+    assert model.transformer.wte.weight.grad.abs().sum() > 0
