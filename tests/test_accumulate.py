@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from functional_memopt import testing
-from functional_memopt.train.accumulate import accumulate_gradients, accumulator_dtype
+from functional_memopt.train.accumulate import accumulate_gradients, accumulate_in_place, accumulator_dtype
 
 from _hypothesis import examples
 
@@ -55,3 +55,14 @@ def test_half_loss_sums_and_counts_are_summed_in_float32(dtype):
     assert acc.loss_sum.dtype == acc.count.dtype == torch.float32
     assert float(acc.count) == 3000.0
     assert float(acc.loss_sum) == 3 * (60000.0 if dtype == torch.float16 else 1000.0)  # bf16(1001) == 1000
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_in_place_fold_refuses_half_leaves_which_need_a_float32_sum(dtype):
+    def fn(p, x):
+        loss_sum = (p["w"].float() * x).sum() + (p["b"] * x).sum()
+        return loss_sum, (loss_sum.detach(), torch.tensor(float(x.numel())))
+
+    params = {"w": torch.ones(3, dtype=dtype), "b": torch.ones(3), "steps": torch.zeros((), dtype=torch.int64)}
+    with pytest.raises(ValueError, match=rf"^accumulate_in_place: leaves of dtype \['{dtype}'\] need a wider sum"):
+        accumulate_in_place(fn, params, [torch.ones(3)])
