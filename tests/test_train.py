@@ -288,3 +288,48 @@ def test_the_mixed_precision_step_casts_each_blocks_params_just_in_time():
     n_all = sum(x.numel() for x in optree.tree_leaves(state.params))
     n_block = sum(x.numel() for x in optree.tree_leaves(state.params["h"][0]))
     assert tracker.peak <= 2 * (n_all - 6 * n_block) + 1.1 * 2 * (2 * n_block) + 8192 < 2 * n_all
+
+
+def _inf_updates():
+    """An optimizer whose every update is inf: finite gradients, a non-finite step."""
+
+    def update(updates, state, params=None, *, donate=False):
+        return optree.tree_map(lambda u: torch.full_like(u, float("inf")), updates), state
+
+    return fm.GradientTransformation(lambda params: (), update)
+
+
+def test_a_nonfinite_update_is_skipped_and_raised_when_the_state_was_donated():
+    opt = _inf_updates()
+    state, batch = init_train_state(fm.init_params(SMALL), opt)._replace(step=torch.tensor(4)), _batch(SMALL)
+    kept, m = make_train_step(SMALL, opt)(state, batch)
+    testing.assert_trees_equal(kept, state)
+    assert m["skipped"].dtype == m["nonfinite_update"].dtype == torch.bool
+    assert bool(m["skipped"]) and bool(m["nonfinite_update"])
+    with pytest.raises(fm.NonFiniteUpdateError, match=r"^train step: update 5 wrote inf or nan into \['params") as err:
+        make_train_step(SMALL, opt, donate=True)(optree.tree_map(torch.clone, state), batch)
+    assert err.value.step == 5 and "params.wte" in err.value.leaves
+
+
+def _rank_zero_of_two(other_bad: int):
+    """The one-process hooks as rank 0 of two ZeRO-1 ranks, the other holding no tokens and
+    finding ``other_bad`` non-finite leaves in its optimizer shard. The step calls ``count`` twice:
+    on its tokens, then on the number of non-finite leaves its guard found."""
+    from functional_memopt.train.parallelism import single_process
+
+    others = iter([0.0, float(other_bad)])
+    return single_process()._replace(count=lambda x: x + next(others), zero_stage=1, world_size=2)
+
+
+@pytest.mark.parametrize("other_bad", [0, 1])
+def test_a_nonfinite_optimizer_shard_on_another_rank_skips_the_update_on_this_one(other_bad):
+    opt = adamw(1e-3)
+    state, batch = init_train_state(fm.init_params(SMALL), opt), _batch(SMALL)
+    new, m = make_train_step(SMALL, opt, parallel=_rank_zero_of_two(other_bad))(state, batch)
+    assert bool(m["nonfinite_update"]) == bool(m["skipped"]) == bool(other_bad)
+    testing.assert_trees_equal(new, state if other_bad else make_train_step(SMALL, opt)(state, batch)[0])
+    if other_bad:
+        donated = make_train_step(SMALL, opt, donate=True, parallel=_rank_zero_of_two(other_bad))
+        with pytest.raises(fm.NonFiniteUpdateError) as err:
+            donated(optree.tree_map(torch.clone, state), batch)
+        assert err.value.leaves == ["opt_state (another rank's shard)"]
