@@ -165,6 +165,34 @@ def test_a_train_state_of_an_empty_tree_starts_at_step_zero():
     assert state.step.dtype == torch.int64 and int(state.step) == 0 and state.params == {}
 
 
+def test_a_train_state_starts_on_the_params_device():
+    # The meta device stands in for an accelerator: its tensors hold no data but keep their device.
+    params = optree.tree_map(lambda x: x.to("meta"), fm.init_params(SMALL))
+    state = init_train_state(params, adamw(1e-3))
+    assert state.step.device.type == state.opt_state.count.device.type == "meta"
+
+
+def test_the_loss_of_make_loss_fn_rematerialises_the_blocks_it_is_given():
+    # Under remat="all" the forward saves only each block's input for the backward, not the
+    # activations inside the blocks: fewer bytes, the same loss.
+    def saved_bytes(loss):
+        total = []
+
+        def pack(t):
+            total.append(t.untyped_storage().nbytes())
+            return t
+
+        params = optree.tree_map(lambda x: x.requires_grad_(), fm.init_params(SMALL))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = loss(params, _batch(SMALL))
+        return sum(total), optree.tree_map(torch.Tensor.detach, out)
+
+    plain, out = saved_bytes(make_loss_fn(SMALL))
+    remat, out_remat = saved_bytes(make_loss_fn(SMALL, remat="all"))
+    testing.assert_trees_equal(out_remat, out)
+    assert remat < plain / 2, (remat, plain)
+
+
 def test_train_state_round_trips_through_flatten_with_non_default_values():
     opt = adamw(1e-3)
     state = init_train_state(fm.init_params(SMALL), opt, loss_scale=dynamic_loss_scale(2.0**5, growth_interval=7, min_loss_scale=2.0))
