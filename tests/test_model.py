@@ -136,6 +136,19 @@ def test_final_features_are_the_features_the_head_of_apply_reads():
     assert torch.equal(logits, fm.apply(params, tokens, cfg, **kwargs))
 
 
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_either_activation_gives_the_reference_module_logits(activation):
+    # In float64 the tolerance is rounding alone: the other GELU misses it at every logit.
+    from functional_memopt.testing.reference import ReferenceGPT
+
+    cfg = fm.ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=6, vocab_size=13, activation=activation)
+    params = _params64(cfg)
+    tokens = torch.randint(0, 13, (2, 6), generator=torch.Generator().manual_seed(0))
+    want = ReferenceGPT.from_params(params, cfg)(tokens).detach()
+    assert want.dtype == torch.float64
+    torch.testing.assert_close(fm.apply(params, tokens, cfg), want, rtol=1e-10, atol=1e-12)
+
+
 def test_loss_fn_returns_fp32_sum_and_count_with_ignore_index_and_mask():
     cfg = fm.ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=6, vocab_size=13)
     params = fm.init_params(cfg, seed=0)
