@@ -32,7 +32,19 @@ CAUGHT = {"killed", "timeout", "segfault", "caught by type check"}
 
 # Mutants that compute the same results as the original, by name (mutmut's names are stable while
 # the function's source is unchanged), with the reason.
-EQUIVALENT: dict[str, str] = {}
+EQUIVALENT: dict[str, str] = {
+    "functional_memopt.model.attention.x_build_attention_mask__mutmut_10":
+        "a strictly lower causal mask: the diagonal it drops is put back by the final `mask | eye`",
+    "functional_memopt.model.attention.x_positions_from_segments__mutmut_5":
+        "arange(T).expand(T) instead of expand(B, T): torch.where and the subtraction broadcast it to the same (B, T)",
+    "functional_memopt.train.step.x_make_train_step__mutmut_65":
+        "the factor left float64: the value is float64, but its gradient reaches the loss sum rounded once from "
+        "float64 to the loss's dtype, as factor.to(dtype) rounds it; the value itself is never read",
+    "functional_memopt.train.step.x_make_train_step__mutmut_150":
+        "NoOpLossScale's scale is exactly 1.0, so scale.double() / total is 1.0 / total bit for bit",
+    "functional_memopt.optim.adamw_kernel.x__fused__mutmut_80":
+        "zeros_like of a gradient the fused route requires contiguous: preserve_format gives the contiguous layout",
+}
 
 
 def _modules() -> list[str]:

@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from functional_memopt import testing
-from functional_memopt.train.accumulate import accumulate_gradients, accumulator_dtype
+from functional_memopt.train.accumulate import accumulate_gradients, accumulate_in_place, accumulator_dtype
 
 from _hypothesis import examples
 
@@ -73,3 +73,14 @@ def test_a_gradient_tensor_shared_by_two_leaves_is_summed_once_per_micro_batch(e
     grad_fn = fm.value_and_grad(loss, has_aux=True, engine=engine)
     acc = accumulate_gradients(grad_fn, params, xs)
     assert torch.equal(acc.grads["a"], xs[0] + xs[1]) and torch.equal(acc.grads["b"], xs[0] + xs[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_in_place_fold_refuses_half_leaves_which_need_a_float32_sum(dtype):
+    def fn(p, x):
+        loss_sum = (p["w"].float() * x).sum() + (p["b"] * x).sum()
+        return loss_sum, (loss_sum.detach(), torch.tensor(float(x.numel())))
+
+    params = {"w": torch.ones(3, dtype=dtype), "b": torch.ones(3), "steps": torch.zeros((), dtype=torch.int64)}
+    with pytest.raises(ValueError, match=rf"^accumulate_in_place: leaves of dtype \['{dtype}'\] need a wider sum"):
+        accumulate_in_place(fn, params, [torch.ones(3)])

@@ -64,6 +64,13 @@ def test_document_mask_blocks_attention_across_documents_and_positions_restart()
     assert positions_from_segments(torch.tensor([[3, 3, 3, 7]])).tolist() == [[0, 1, 2, 0]]
 
 
+def test_positions_are_made_on_the_device_of_the_segment_ids():
+    # The meta device stands in for an accelerator: its tensors hold no data, but an op that mixes
+    # them with CPU tensors fails, as one mixing CUDA and CPU tensors would.
+    pos = positions_from_segments(torch.zeros(2, 5, dtype=torch.long, device="meta"))
+    assert pos.device.type == "meta" and pos.shape == (2, 5) and pos.dtype == torch.int64
+
+
 def test_fully_padded_row_gives_finite_logits():
     cfg = fm.ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=7)
     logits = fm.apply(fm.init_params(cfg), torch.zeros(2, 4, dtype=torch.long), cfg,

@@ -263,14 +263,37 @@ def test_every_field_of_every_loss_scale_survives_flatten_and_unflatten(state):
     assert_trees_equal(by_path, state)
 
 
+DYNAMIC_DTYPES = {"loss_scale": torch.float32, "counter": torch.int64, "growth_interval": torch.int64,
+                  "growth_factor": torch.float64, "backoff_factor": torch.float64, "min_loss_scale": torch.float32}
+
+
 def test_dynamic_state_fields_have_the_documented_shapes_and_dtypes():
     state = dynamic_loss_scale()
-    want = {"loss_scale": torch.float32, "counter": torch.int64, "growth_interval": torch.int64,
-            "growth_factor": torch.float64, "backoff_factor": torch.float64, "min_loss_scale": torch.float32}
-    assert {k: getattr(state, k).dtype for k in state._fields} == want
+    assert {k: getattr(state, k).dtype for k in state._fields} == DYNAMIC_DTYPES
     assert all(getattr(state, k).shape == () for k in state._fields)
     assert (state.loss_scale.item(), state.counter.item(), state.growth_interval.item()) == (2.0**16, 0, 2000)
     assert (state.growth_factor.item(), state.backoff_factor.item(), state.min_loss_scale.item()) == (2.0, 0.5, 1.0)
+
+
+def test_field_dtypes_stay_as_documented_under_a_float64_default_dtype():
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        dynamic, static = dynamic_loss_scale(), static_loss_scale(4.0)
+    finally:
+        torch.set_default_dtype(before)
+    assert {k: getattr(dynamic, k).dtype for k in dynamic._fields} == DYNAMIC_DTYPES
+    assert static.loss_scale.dtype == torch.float32
+
+
+def test_every_field_is_made_on_the_device_asked_for():
+    # The meta device stands in for an accelerator: its tensors hold no data but keep their device.
+    from functional_memopt.train.loss_scale import loss_scale_from_spec
+
+    states = [static_loss_scale(2.0, device="meta"), dynamic_loss_scale(device="meta"),
+              loss_scale_from_spec("dynamic", device="meta"), loss_scale_from_spec("8", device="meta")]
+    for state in states:
+        assert {k: getattr(state, k).device.type for k in state._fields} == dict.fromkeys(state._fields, "meta")
 
 
 def test_adjust_does_not_branch_on_tensor_values_so_it_runs_under_vmap():

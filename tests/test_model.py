@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import functional_memopt as fm
 from functional_memopt import _tree as fmtree
 from functional_memopt import testing
-from functional_memopt.model.gpt import block_apply
+from functional_memopt.model.gpt import block_apply, final_features
 
 
 def _params64(cfg, seed=0):
@@ -121,6 +121,32 @@ def test_tied_leaf_gradient_is_the_sum_of_embedding_and_head_path_gradients(cfg,
     torch.testing.assert_close(tied, g_emb + g_head, rtol=1e-10, atol=1e-12)
     if cfg.n_embd > 1:  # a width-1 layer norm outputs its bias alone, so the head path can vanish
         assert g_head.abs().sum() > 0
+
+
+def test_final_features_are_the_features_the_head_of_apply_reads():
+    # Documents, a key mask and a compute dtype all reach the features; the head is wte itself.
+    cfg = fm.ModelConfig(n_layer=2, n_head=2, n_embd=8, block_size=6, vocab_size=13)
+    params = fm.init_params(cfg, seed=0)
+    tokens = torch.randint(0, 13, (2, 6), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(attention_mask=torch.tensor([[1, 0, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1]]),
+                  segment_ids=torch.tensor([[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 2, 2]]), compute_dtype=torch.bfloat16)
+    x = final_features(params, tokens, cfg, remat="all", **kwargs)
+    assert x.shape == (2, 6, 8) and x.dtype == torch.bfloat16
+    logits = torch.nn.functional.linear(x, params["wte"].to(torch.bfloat16))
+    assert torch.equal(logits, fm.apply(params, tokens, cfg, **kwargs))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_either_activation_gives_the_reference_module_logits(activation):
+    # In float64 the tolerance is rounding alone: the other GELU misses it at every logit.
+    from functional_memopt.testing.reference import ReferenceGPT
+
+    cfg = fm.ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=6, vocab_size=13, activation=activation)
+    params = _params64(cfg)
+    tokens = torch.randint(0, 13, (2, 6), generator=torch.Generator().manual_seed(0))
+    want = ReferenceGPT.from_params(params, cfg)(tokens).detach()
+    assert want.dtype == torch.float64
+    torch.testing.assert_close(fm.apply(params, tokens, cfg), want, rtol=1e-10, atol=1e-12)
 
 
 def test_loss_fn_returns_fp32_sum_and_count_with_ignore_index_and_mask():

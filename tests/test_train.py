@@ -144,6 +144,10 @@ def test_step_never_mutates_its_inputs_and_donation_gives_the_same_result():
     donated_in = optree.tree_map(torch.clone, state)
     donated, _ = make_train_step(SMALL, opt, accum_steps=2, max_grad_norm=0.5, donate=True)(donated_in, batch)
     testing.assert_trees_equal(donated, pure)
+    # Donated, the new params and moments are the given tensors, updated in place: no second copy.
+    for new, given in zip(optree.tree_leaves((donated.params, donated.opt_state.mu, donated.opt_state.nu)),
+                          optree.tree_leaves((donated_in.params, donated_in.opt_state.mu, donated_in.opt_state.nu))):
+        assert new.data_ptr() == given.data_ptr()
 
 
 @pytest.mark.parametrize("variant", [dict(remat="all"), dict(remat=2), dict(engine="func"), dict(policy_mode="autocast")])
@@ -159,6 +163,34 @@ def test_step_variants_match_the_plain_step(variant):
 def test_a_train_state_of_an_empty_tree_starts_at_step_zero():
     state = init_train_state({}, sgd(0.1))
     assert state.step.dtype == torch.int64 and int(state.step) == 0 and state.params == {}
+
+
+def test_a_train_state_starts_on_the_params_device():
+    # The meta device stands in for an accelerator: its tensors hold no data but keep their device.
+    params = optree.tree_map(lambda x: x.to("meta"), fm.init_params(SMALL))
+    state = init_train_state(params, adamw(1e-3))
+    assert state.step.device.type == state.opt_state.count.device.type == "meta"
+
+
+def test_the_loss_of_make_loss_fn_rematerialises_the_blocks_it_is_given():
+    # Under remat="all" the forward saves only each block's input for the backward, not the
+    # activations inside the blocks: fewer bytes, the same loss.
+    def saved_bytes(loss):
+        total = []
+
+        def pack(t):
+            total.append(t.untyped_storage().nbytes())
+            return t
+
+        params = optree.tree_map(lambda x: x.requires_grad_(), fm.init_params(SMALL))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = loss(params, _batch(SMALL))
+        return sum(total), optree.tree_map(torch.Tensor.detach, out)
+
+    plain, out = saved_bytes(make_loss_fn(SMALL))
+    remat, out_remat = saved_bytes(make_loss_fn(SMALL, remat="all"))
+    testing.assert_trees_equal(out_remat, out)
+    assert remat < plain / 2, (remat, plain)
 
 
 def test_train_state_round_trips_through_flatten_with_non_default_values():
@@ -179,6 +211,8 @@ def test_metrics_report_loss_tokens_scale_and_norm():
     s, c = make_loss_fn(SMALL)(state.params, batch)
     torch.testing.assert_close(m["loss"], s / c)
     assert float(m["tokens"]) == float(c) and float(m["loss_scale"]) == 8.0 and not bool(m["skipped"])
+    assert set(m) == {"loss", "grad_norm", "loss_scale", "skipped", "nonfinite_update", "tokens"}
+    assert m["nonfinite_update"].dtype == torch.bool and not bool(m["nonfinite_update"])
     g = torch.func.grad(lambda p: make_loss_fn(SMALL)(p, batch)[0] / c)(state.params)
     torch.testing.assert_close(m["grad_norm"], fmtree.tree_global_norm(g), rtol=1e-5, atol=1e-7)
 
@@ -189,7 +223,141 @@ def test_bad_step_arguments_are_rejected():
     for bad in (2.0, True):
         with pytest.raises(ValueError, match="accum_steps must be an int"):
             make_train_step(SMALL, sgd(0.1), accum_steps=bad)
-    with pytest.raises(ValueError, match="max_grad_norm"):
-        make_train_step(SMALL, sgd(0.1), max_grad_norm=-1.0)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
+            make_train_step(SMALL, sgd(0.1), max_grad_norm=bad)
     with pytest.raises(ValueError, match="between 1 and the batch size"):
         make_train_step(SMALL, sgd(0.1), accum_steps=5)(init_train_state(fm.init_params(SMALL), sgd(0.1)), _batch(SMALL, B=4))
+
+
+def test_the_step_checks_ids_against_the_vocabulary_and_the_length_against_the_block_size():
+    # The step runs the model unchecked, so these must be ValueErrors from the batch check, not an
+    # IndexError from an embedding lookup.
+    opt = sgd(0.1)
+    state, step = init_train_state(fm.init_params(SMALL), opt), make_train_step(SMALL, opt)
+    batch = _batch(SMALL)
+    with pytest.raises(ValueError, match=r"^train step: batch.tokens holds the id 32, outside \[0, vocab_size=32\)"):
+        step(state, batch._replace(tokens=batch.tokens.clone().fill_(32)))
+    with pytest.raises(ValueError, match=r"^train step: batch.tokens has 13 positions, more than the model's block_size 12"):
+        step(state, _batch(SMALL, T=13))
+
+
+def test_half_precision_master_params_step_through_the_float32_fold():
+    # The autograd engine's in-place fold refuses bfloat16 leaves; the step must take the general fold.
+    opt = sgd(0.1)
+    state = init_train_state(fm.init_params(SMALL), opt, policy="bf16")
+    batch = _batch(SMALL, ragged=True)
+    new, m = make_train_step(SMALL, opt, policy="bf16", accum_steps=2)(state, batch)
+    ref, m_ref = make_train_step(SMALL, opt, policy="bf16", accum_steps=2, engine="func")(state, batch)
+    assert int(new.step) == 1 and not bool(m["skipped"])
+    assert all(x.dtype == torch.bfloat16 for x in optree.tree_leaves(new.params))
+    testing.assert_trees_equal(new, ref)
+
+
+def test_compile_hands_the_scaled_loss_and_its_options_to_torch_compile(monkeypatch):
+    # torch.compile replaced by a recorder that returns the function as is: the compiled step is
+    # then the eager step, bit for bit, and the options are the defaults with the caller's on top.
+    seen = []
+
+    def record(fn, **options):
+        seen.append(options)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", record)
+    opt = sgd(0.1)
+    state, batch = init_train_state(fm.init_params(SMALL), opt), _batch(SMALL, ragged=True)
+    compiled = make_train_step(SMALL, opt, accum_steps=2, compile={"mode": "max-autotune"})
+    assert seen == [{"fullgraph": True, "dynamic": False, "mode": "max-autotune"}]
+    testing.assert_trees_equal(compiled(state, batch), make_train_step(SMALL, opt, accum_steps=2)(state, batch))
+    with pytest.raises(ValueError, match="engine='autograd'"):
+        make_train_step(SMALL, opt, compile=True, engine="func")
+
+
+def test_the_step_with_a_loss_chunk_never_makes_the_whole_logits():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes = [t.numel() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.numel = max([self.numel, *sizes])
+            return out
+
+    cfg = fm.ModelConfig(vocab_size=256, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    opt = sgd(0.1)
+    state, batch = init_train_state(fm.init_params(cfg), opt), _batch(cfg)
+    largest = Largest()
+    with largest:
+        chunked, _ = make_train_step(cfg, opt, loss_chunk=8)(state, batch)
+    assert largest.numel < 4 * 8 * 256  # the (B, T, V) logits; the next largest is wte, (V, C)
+    whole, _ = make_train_step(cfg, opt)(state, batch)
+    testing.assert_trees_close(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_the_mixed_precision_step_casts_each_blocks_params_just_in_time():
+    # Under remat only one block's bfloat16 copy (and its gradients while its backward runs) is
+    # alive beside the embeddings' copies, not a copy of the whole model (tests/test_jit_cast.py).
+    from functional_memopt.memory.measure import TensorMemoryTracker
+
+    class Bf16Tracker(TensorMemoryTracker):
+        def track(self, tree):
+            return super().track([t for t in torch.utils._pytree.tree_leaves(tree)
+                                  if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16])
+
+    cfg = fm.ModelConfig(vocab_size=32, block_size=4, n_layer=6, n_head=2, n_embd=64)
+    opt = sgd(0.1)
+    state = init_train_state(fm.init_params(cfg), opt, policy="mixed_bf16")
+    batch = fm.Batch(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4))
+    tracker = Bf16Tracker()
+    with tracker:
+        make_train_step(cfg, opt, policy="mixed_bf16", remat="all")(state, batch)
+    n_all = sum(x.numel() for x in optree.tree_leaves(state.params))
+    n_block = sum(x.numel() for x in optree.tree_leaves(state.params["h"][0]))
+    assert tracker.peak <= 2 * (n_all - 6 * n_block) + 1.1 * 2 * (2 * n_block) + 8192 < 2 * n_all
+
+
+def _inf_updates():
+    """An optimizer whose every update is inf: finite gradients, a non-finite step."""
+
+    def update(updates, state, params=None, *, donate=False):
+        return optree.tree_map(lambda u: torch.full_like(u, float("inf")), updates), state
+
+    return fm.GradientTransformation(lambda params: (), update)
+
+
+def test_a_nonfinite_update_is_skipped_and_raised_when_the_state_was_donated():
+    opt = _inf_updates()
+    state, batch = init_train_state(fm.init_params(SMALL), opt)._replace(step=torch.tensor(4)), _batch(SMALL)
+    kept, m = make_train_step(SMALL, opt)(state, batch)
+    testing.assert_trees_equal(kept, state)
+    assert m["skipped"].dtype == m["nonfinite_update"].dtype == torch.bool
+    assert bool(m["skipped"]) and bool(m["nonfinite_update"])
+    with pytest.raises(fm.NonFiniteUpdateError, match=r"^train step: update 5 wrote inf or nan into \['params") as err:
+        make_train_step(SMALL, opt, donate=True)(optree.tree_map(torch.clone, state), batch)
+    assert err.value.step == 5 and "params.wte" in err.value.leaves
+
+
+def _rank_zero_of_two(other_bad: int):
+    """The one-process hooks as rank 0 of two ZeRO-1 ranks, the other holding no tokens and
+    finding ``other_bad`` non-finite leaves in its optimizer shard. The step calls ``count`` twice:
+    on its tokens, then on the number of non-finite leaves its guard found."""
+    from functional_memopt.train.parallelism import single_process
+
+    others = iter([0.0, float(other_bad)])
+    return single_process()._replace(count=lambda x: x + next(others), zero_stage=1, world_size=2)
+
+
+@pytest.mark.parametrize("other_bad", [0, 1])
+def test_a_nonfinite_optimizer_shard_on_another_rank_skips_the_update_on_this_one(other_bad):
+    opt = adamw(1e-3)
+    state, batch = init_train_state(fm.init_params(SMALL), opt), _batch(SMALL)
+    new, m = make_train_step(SMALL, opt, parallel=_rank_zero_of_two(other_bad))(state, batch)
+    assert bool(m["nonfinite_update"]) == bool(m["skipped"]) == bool(other_bad)
+    testing.assert_trees_equal(new, state if other_bad else make_train_step(SMALL, opt)(state, batch)[0])
+    if other_bad:
+        donated = make_train_step(SMALL, opt, donate=True, parallel=_rank_zero_of_two(other_bad))
+        with pytest.raises(fm.NonFiniteUpdateError) as err:
+            donated(optree.tree_map(torch.clone, state), batch)
+        assert err.value.leaves == ["opt_state (another rank's shard)"]
