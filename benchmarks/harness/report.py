@@ -280,6 +280,15 @@ def targets(r: dict) -> list[list]:
         if v is not None:
             out.append(["compile", f"{run.get('preset')} {run.get('precision')} compiled functional / compiled "
                         "reference", v["ratio"], f"<= {COMPILE_TARGET:.2f}", bool(v["ratio"] <= COMPILE_TARGET)])
+    gpu = r.get("gpu") or {}
+    compiled = ((gpu.get("bf16") or {}).get("timings") or {}).get("func compiled")
+    if compiled and compiled.get("mfu") is not None:
+        out.append(["gpu", "MFU of the compiled functional step, bf16", compiled["mfu"], ">= 0.50",
+                    bool(compiled["mfu"] >= 0.50)])
+    fp = ((gpu.get("fp16_vs_bf16") or {}).get("ratios") or {}).get("func fp16 + dynamic loss scale / func bf16")
+    if fp:
+        out.append(["gpu", "fp16 with dynamic loss scaling / bf16, functional", fp["ratio"], "<= 1.05",
+                    bool(fp["ratio"] <= 1.05)])
     mem = r.get("memory") or {}
     for row in mem.get("rows", []):
         if row.get("within_tolerance") is not None:
