@@ -148,6 +148,7 @@ def chart(result: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     series = list(dict.fromkeys(r["series"] for r in result["rows"]))
     fig, axes = plt.subplots(2, len(series), figsize=(4 * len(series), 6.5), squeeze=False)
@@ -161,6 +162,8 @@ def chart(result: dict, path: str) -> None:
                         label="functional" if side == "func" else "reference")
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.set_xticks(xs, [r["label"] for r in rs])  # the points themselves, not log-scale minor labels
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_title(s if row == 0 else "", fontsize=10)
             ax.set_ylabel(unit)
             ax.grid(True, which="both", alpha=0.3)
