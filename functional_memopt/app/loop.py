@@ -12,7 +12,6 @@ and reports.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
@@ -22,34 +21,22 @@ import optree
 import torch
 import torch.distributed as dist
 
-from .._version import __version__
-from ..data.batch import rows_per_microbatch, sample_batch
-from ..data.corpus import load_corpus, train_val_split
-from ..io.checkpoint import checkpoint_info, has_checkpoint, load_checkpoint, save_checkpoint
+from ..io.checkpoint import load_checkpoint, save_checkpoint
 from ..io.files import disk_full_error, is_disk_full
-from ..memory.hygiene import with_memory_hygiene
 from ..model.config import ModelConfig
-from ..model.layout import init_params
-from ..optim.adamw import adamw, decay_mask
-from ..optim.schedules import linear_warmup, warmup_cosine
 from ..parallel.process_group import DistInfo, collective, comm_device, world
 from ..parallel.replicated import shard_batch
-from ..parallel.zero import data_parallel
 from ..train.guard import NonFiniteUpdateError
-from ..train.loss_scale import loss_scale_from_spec
-from ..train.parallelism import Parallelism, single_process
+from ..train.parallelism import single_process
 from ..train.precision import get_policy, with_policy
-from ..train.step import TrainState, init_train_state, make_loss_fn, make_train_step
+from ..train.step import make_loss_fn
 from .faults import poison_state
 from .format import format_bytes
 from .interrupt import StopRequest
-from .records import parse_meta
-from .resume import repair_params, steps_change
-from .run import FLAGS, RUN_FORMAT, Resolved, RunFiles, TrainArgs, peak_bytes, prepare_run_dir, remove_leftovers
+from .run import Resolved, TrainArgs, peak_bytes
+from .setup import Run, batch_at, say, set_up
 
-__all__ = ["TrainResult", "train", "evaluate", "build_optimizer", "VAL_SEED"]
-
-VAL_SEED = 1234  # validation batches do not depend on --seed, so runs with different seeds compare
+__all__ = ["TrainResult", "train", "evaluate"]
 
 
 class TrainResult(NamedTuple):
@@ -66,48 +53,6 @@ class TrainResult(NamedTuple):
     run_dir: str
     message: str  # the summary line
     exit_code: int = 0  # what the command exits with
-
-
-@dataclasses.dataclass
-class _Run:
-    """What the set-up made, and where the loop stands (the loop moves ``state`` and the counters)."""
-
-    args: TrainArgs
-    cfg: ModelConfig
-    resolved: Resolved
-    run_dir: str
-    device: torch.device
-    info: DistInfo
-    parallel: Parallelism | None  # None: one process, the plain step
-    optimizer: Any
-    schedule: Any
-    step_fn: Any
-    make_step: Any  # donate -> a step built like step_fn (the replay of a non-finite update runs one undonated)
-    state: TrainState
-    files: RunFiles
-    train_data: torch.Tensor
-    val_batches: list
-    end: int  # the step this session stops at
-    it: int  # batches consumed
-    skipped: int  # skipped steps over the whole run
-    bpb0: float | None  # the first evaluation's bits per byte
-    bpb: float | None = None  # the latest evaluation's
-    tokens: float = 0.0  # counted tokens trained on in this session
-    step_s: float = 0.0  # seconds spent in steps in this session
-    saved_at: int = 0  # step of the newest checkpoint
-    step_times: list = dataclasses.field(default_factory=list)  # seconds of each step in this session
-    stop_signal: int = 0  # the exit code of a stop request (130 SIGINT, 143 SIGTERM)
-    failure: str = ""  # why the run stopped early, for the summary
-
-
-def build_optimizer(args: TrainArgs, warmup: int):
-    final = args.lr / 10 if args.min_lr is None else args.min_lr
-    if args.schedule == "cosine":
-        sched = warmup_cosine(args.lr, warmup, args.steps, final=final)
-    else:
-        sched = linear_warmup(args.lr, warmup)
-    opt = adamw(sched, b1=args.beta1, b2=args.beta2, weight_decay=args.weight_decay, mask=decay_mask)
-    return opt, sched
 
 
 def evaluate(params: Any, cfg: ModelConfig, policy, batches: list, *, info: DistInfo | None = None) -> float:
@@ -131,92 +76,7 @@ def evaluate(params: Any, cfg: ModelConfig, policy, batches: list, *, info: Dist
     return float(total / count.clamp(min=1))
 
 
-def _say(info: DistInfo, text: str) -> None:
-    """A line for the person at the terminal (stderr, rank 0)."""
-    if info.rank == 0:
-        print(text, file=sys.stderr, flush=True)
-
-
-def _set_up(args: TrainArgs, cfg: ModelConfig, resolved: Resolved, run_dir: str, device: torch.device,
-            info: DistInfo, *, resume: bool, force: bool, config: dict | None) -> _Run:
-    """Data, optimizer, state (fresh or resumed), step and run files: everything before the first step.
-
-    Every argument is checked (the optimizer and the step are built) before the run directory is
-    created or changed.
-    """
-    rows_per_microbatch(args.batch_size, resolved.accum_steps, info.world_size, caller="train", names=FLAGS)
-    parallel = data_parallel(zero_stage=args.zero_stage) if info.world_size > 1 else None
-    on_main = (parallel or single_process()).on_main
-    if not resume:  # refuse early, before the corpus is read
-        on_main(lambda: prepare_run_dir(run_dir, force=force, dry_run=True), what="checking the run directory")
-    train_data, val_data = train_val_split(load_corpus(args.corpus))
-    T = resolved.seq_len
-    for name, part in (("training", train_data), ("validation", val_data)):
-        if len(part) <= T:
-            raise ValueError(f"train: the corpus's {name} part holds {len(part)} bytes, too few for sequences of "
-                             f"{T}; use a longer --corpus or a shorter --seq-len.")
-    policy = get_policy(resolved.policy)
-    opt, sched = build_optimizer(args, resolved.warmup_steps)
-
-    def make_step(donate: bool):
-        fn = make_train_step(cfg, opt, policy=policy, accum_steps=resolved.accum_steps, remat=args.remat,
-                             max_grad_norm=args.max_grad_norm or None, loss_chunk=resolved.loss_chunk, donate=donate,
-                             parallel=parallel, compile=resolved.compile)
-        if args.gc_every > 0:
-            fn = with_memory_hygiene(fn, gc_every=args.gc_every, empty_cache=device.type == "cuda", stats=False)
-        return fn
-
-    step_fn = make_step(True)
-    state = init_train_state(init_params(cfg, seed=args.seed, device=device), opt, policy=policy, parallel=parallel,
-                             loss_scale=loss_scale_from_spec(resolved.loss_scale, device=device))
-    files = RunFiles(run_dir, main=info.rank == 0)
-    start, skipped, bpb0, bpb = 0, 0, None, None
-    if resume:
-        if not has_checkpoint(run_dir):
-            raise ValueError(f"train: {run_dir!r} holds no checkpoint to resume (state.json is missing: the run "
-                             "stopped before its first checkpoint); start it again with --force.")
-        record = checkpoint_info(run_dir)
-        meta = parse_meta(record["meta"], run_dir, step=record.get("step"))
-        state, _ = load_checkpoint(run_dir, state, cfg=cfg, parallel=parallel, optimizer=opt)
-        start, skipped, bpb0, bpb = meta["batch_index"], meta["skipped"], meta["val_bpb_start"], meta["val_bpb"]
-        gone = on_main(lambda: remove_leftovers(run_dir), what="removing temporary files") or []
-        if gone:
-            _say(info, f"memopt: removed {len(gone)} temporary file(s) of interrupted writes: {', '.join(gone[:3])}")
-        if "sha256" not in record:
-            _say(info, f"memopt: note: the checkpoint in {run_dir} (step {start}) has no checksum (an earlier version "
-                       "wrote it); its values were checked, its bytes cannot be.")
-        on_main(lambda: repair_params(files, state, cfg, run_dir, lambda text: _say(info, text)),
-                what="checking params.safetensors")
-        warning = files.reopen(meta["metrics_bytes"], meta.get("metrics_sha256"))
-        if warning:
-            _say(info, warning)
-    else:
-        config = {"format": RUN_FORMAT, "format_version": 1, "library_version": __version__,
-                  "model": cfg.to_dict(), "train": dataclasses.asdict(args), "resolved": resolved._asdict()}
-        on_main(lambda: files.start(config, force=force), what="preparing the run directory")
-    val_rows = args.batch_size // resolved.accum_steps  # one micro-batch per rank
-    val_batches = [sample_batch(val_data, val_rows, T, seed=VAL_SEED, index=i, device=device)
-                   for i in range(args.eval_batches)]
-    end = min(args.steps, args.stop_at) if args.stop_at is not None else args.steps
-    run = _Run(args, cfg, resolved, run_dir, device, info, parallel, opt, sched, step_fn, make_step, state, files,
-               train_data, val_batches, end, start, skipped, bpb0, bpb, saved_at=start)
-    if resume and config is not None and start < end:
-        _record_steps_change(run, config)
-    return run
-
-
-def _record_steps_change(run: _Run, config: dict) -> None:
-    """A resumed run whose --steps differs: say what happens to the schedule and record it in config.json."""
-    change = steps_change(config, run.args, run.schedule, build_optimizer(
-        dataclasses.replace(run.args, steps=config["train"]["steps"]), run.resolved.warmup_steps)[1],
-        at=run.it, count=int(run.state.step))
-    if change is not None:
-        note, new = change
-        _say(run.info, note)
-        (run.parallel or single_process()).on_main(lambda: run.files.write_config(new), what="updating config.json")
-
-
-def _checkpoint(run: _Run) -> None:
+def _checkpoint(run: Run) -> None:
     meta = {"batch_index": run.it, "skipped": run.skipped, "metrics_bytes": run.files.tell(),
             "metrics_sha256": run.files.digest(), "val_bpb_start": run.bpb0, "val_bpb": run.bpb}
     hint = f" Then continue with: memopt train --resume {run.run_dir}"
@@ -239,14 +99,7 @@ def _checkpoint(run: _Run) -> None:
                               f"is older, and a resume rewrites it.{hint}") from None
 
 
-def _batch(run: _Run, index: int):
-    """The batch of step ``index + 1`` (a function of the seed and the index), this rank's rows of it."""
-    batch = sample_batch(run.train_data, run.args.batch_size, run.resolved.seq_len, seed=run.args.seed, index=index,
-                         device=run.device)
-    return shard_batch(batch, run.info.rank, run.info.world_size) if run.info.world_size > 1 else batch
-
-
-def _replay_and_skip(run: _Run, batch, err: NonFiniteUpdateError, lr: float) -> dict:
+def _replay_and_skip(run: Run, batch, err: NonFiniteUpdateError, lr: float) -> dict:
     """After a donated update wrote inf or nan: the state of the step before, then that step run undonated.
 
     The donated step updated its state in place before the guard saw the result, so the state is
@@ -260,18 +113,18 @@ def _replay_and_skip(run: _Run, batch, err: NonFiniteUpdateError, lr: float) -> 
     run.state = None  # the spent state is freed before the checkpoint is read
     run.state, _ = load_checkpoint(run.run_dir, like, cfg=run.cfg, parallel=run.parallel, optimizer=run.optimizer)
     for index in range(run.saved_at, run.it):
-        run.state, _ = run.step_fn(run.state, _batch(run, index))
+        run.state, _ = run.step_fn(run.state, batch_at(run, index))
     run.state, m = run.make_step(False)(run.state, batch)
     what = ("skipped it" if bool(m["nonfinite_update"])
             else "run again, it was finite (a transient fault), so it was applied")
-    _say(run.info, f"memopt: the update of step {err.step} (learning rate {lr:.3g}) would have written inf or nan into "
+    say(run.info, f"memopt: the update of step {err.step} (learning rate {lr:.3g}) would have written inf or nan into "
                    f"{', '.join(err.leaves[:4])}{' ...' if len(err.leaves) > 4 else ''} from finite gradients; "
                    f"{what} (rebuilt from the checkpoint of step {run.saved_at}, {run.it - run.saved_at} step(s) "
                    "replayed).")
     return m
 
 
-def _evaluate(run: _Run, bar, quiet: bool) -> float:
+def _evaluate(run: Run, bar, quiet: bool) -> float:
     nats = evaluate(run.state.params, run.cfg, get_policy(run.resolved.policy), run.val_batches, info=run.info)
     run.files.record({"kind": "eval", "step": run.it, "val_loss": nats, "val_bpb": nats / math.log(2)})
     if not quiet and run.info.rank == 0:
@@ -279,7 +132,7 @@ def _evaluate(run: _Run, bar, quiet: bool) -> float:
     return nats / math.log(2)
 
 
-def _loop(run: _Run, bar, stop: StopRequest, *, resume: bool, quiet: bool) -> tuple[str, dict]:
+def _loop(run: Run, bar, stop: StopRequest, *, resume: bool, quiet: bool) -> tuple[str, dict]:
     """Train from ``run.it`` to ``run.end``; returns the status and the last step's metrics."""
     args, status, vals = run.args, "done", {}
     if not resume:
@@ -287,7 +140,7 @@ def _loop(run: _Run, bar, stop: StopRequest, *, resume: bool, quiet: bool) -> tu
         _checkpoint(run)
     dynamic = hasattr(run.state.loss_scale, "min_loss_scale")
     while run.it < run.end and not stop.agreed():
-        batch = _batch(run, run.it)
+        batch = batch_at(run, run.it)
         lr = float(run.schedule(int(run.state.step)))
         t0 = time.perf_counter()
         poison_state(run.state, run.it + 1)  # FUNCTIONAL_MEMOPT_FAULT=step:begin@<n>=poison, or nothing
@@ -317,7 +170,7 @@ def _loop(run: _Run, bar, stop: StopRequest, *, resume: bool, quiet: bool) -> tu
     return status, vals
 
 
-def _report_step(run: _Run, bar, vals: dict, lr: float) -> None:
+def _report_step(run: Run, bar, vals: dict, lr: float) -> None:
     """Count the step just taken, add its row to metrics.jsonl and show it on the bar."""
     run.tokens += vals["tokens"]  # of all ranks: the metrics are global
     run.skipped += int(vals["skipped"])
@@ -336,7 +189,7 @@ def _peak_label(device: torch.device) -> str:
     return "CUDA" if device.type == "cuda" else "RSS"
 
 
-def _summary(run: _Run, status: str, vals: dict, seconds: float) -> TrainResult:
+def _summary(run: Run, status: str, vals: dict, seconds: float) -> TrainResult:
     tps = run.tokens / run.step_s if run.step_s else 0.0
     peak = peak_bytes(run.device)
     code = 0
@@ -405,9 +258,9 @@ def train(
 
     t_start = time.perf_counter()
     info = info or DistInfo(*world(), 0, device)  # the default process group, if the caller made one
-    run = _set_up(args, cfg, resolved, run_dir, device, info, resume=resume, force=force, config=config)
+    run = set_up(args, cfg, resolved, run_dir, device, info, resume=resume, force=force, config=config)
     if header:
-        _say(info, header)
+        say(info, header)
     if resume and run.it >= run.end:  # nothing left to train: no step, no evaluation, no metrics row
         run.files.close()
         return _summary(run, "complete", {}, time.perf_counter() - t_start)

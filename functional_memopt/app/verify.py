@@ -28,7 +28,7 @@ from ..train.loss_scale import loss_scale_from_spec
 from ..train.precision import get_policy
 from ..train.step import init_train_state
 from ..io.files import leftovers
-from .loop import build_optimizer
+from .setup import build_optimizer
 from .records import parse_meta, parse_run_config
 from .run import PARAMS_FILE, TEMPORARY_RUN_FILES, read_run_config
 
