@@ -17,6 +17,8 @@ import functional_memopt as fm
 from functional_memopt import adamw, dynamic_loss_scale, init_train_state, make_train_step
 from functional_memopt.testing import GRAD_TOLERANCE_FACTOR, LOSS_TOLERANCE_FACTOR, relative_error, tolerance
 
+from _saved import saved_tensor_bytes
+
 CFG = fm.ModelConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16)
 LR = 1e-3
 
@@ -114,15 +116,7 @@ def test_inductor_step_matches_the_eager_step_within_eps_tolerances(policy):
 
 
 def _saved_bytes(step, state, batch):
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        new, _ = step(state, batch)
+    total, (new, _) = saved_tensor_bytes(lambda: step(state, batch))
     return total, new
 
 

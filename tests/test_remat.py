@@ -8,6 +8,8 @@ from functional_memopt.model.remat import remat_layers
 from functional_memopt import _tree as fmtree
 from functional_memopt import testing
 
+from _saved import saved_tensor_bytes
+
 
 @given(testing.configs(max_layer=3), st.data(), st.sampled_from(["all", 1, 2, [0]]))
 def test_remat_gives_the_same_gradients_as_no_remat(cfg, data, spec):
@@ -28,15 +30,7 @@ def test_remat_gives_the_same_gradients_as_no_remat(cfg, data, spec):
 def _saved_bytes(cfg, remat):
     params = fmtree.tree_map(lambda t: t.requires_grad_(), fm.init_params(cfg, seed=0))
     tokens = torch.randint(0, cfg.vocab_size, (4, cfg.block_size), generator=torch.Generator().manual_seed(0))
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        s, c = fm.loss_fn(params, tokens, tokens, cfg, remat=remat)
+    total, (s, c) = saved_tensor_bytes(lambda: fm.loss_fn(params, tokens, tokens, cfg, remat=remat))
     torch.autograd.grad(s, fmtree.tree_map(lambda t: t, list(fmtree.tree_flatten_with_paths(params).values())))
     return total
 
