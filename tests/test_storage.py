@@ -377,3 +377,16 @@ def test_leftovers_are_only_the_temporary_files_of_named_targets(tmp_path):
         (tmp_path / name).write_text("x")
     assert leftovers(tmp_path, ["p.safetensors"]) == [".p.safetensors.abc123de.tmp"]
     assert leftovers(tmp_path, ["p.safetensors", "q.json"]) == [".p.safetensors.abc123de.tmp", ".q.json.abc123de.tmp"]
+
+
+def test_a_flipped_bit_in_the_seal_keys_own_name_is_refused_not_read_as_an_unsealed_file(tmp_path):
+    # "functional_memopt.sha256" -> "gunctional_memopt.sha256": the file would look unsealed (as
+    # Hugging Face's files and earlier versions' are) and be read unverified.
+    path = tmp_path / "p.safetensors"
+    save_params(path, fm.init_params(SMALL, seed=1), SMALL)
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b'"functional_memopt.sha256"') + 1
+    raw[at] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"p\.safetensors' is damaged"):
+        load_params(path)
