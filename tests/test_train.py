@@ -361,3 +361,54 @@ def test_a_nonfinite_optimizer_shard_on_another_rank_skips_the_update_on_this_on
         with pytest.raises(fm.NonFiniteUpdateError) as err:
             donated(optree.tree_map(torch.clone, state), batch)
         assert err.value.leaves == ["opt_state (another rank's shard)"]
+
+
+def _step_gradient(cfg, params, batch, **kw):
+    """The step's unscaled, normalised gradient, read off AdamW's first moment after one step
+    (mu = (1 - beta1) g), with its metrics."""
+    opt = adamw(1e-3, weight_decay=0.0)
+    ls = dynamic_loss_scale(2.0**8) if kw.get("policy") == "mixed_fp16" else None
+    state = init_train_state(params, opt, loss_scale=ls)
+    new, m = make_train_step(cfg, opt, **kw)(state, batch)
+    assert not bool(m["skipped"])
+    return optree.tree_map(lambda mu: mu.double() / 0.1, new.opt_state.mu), m
+
+
+@pytest.mark.parametrize("policy", ["mixed_bf16", "mixed_fp16"])
+@pytest.mark.parametrize("accum_steps, remat", [(1, None), (3, "all"), (2, 1)])
+def test_the_chunked_heads_gradient_in_the_accumulator_is_the_exact_tied_gradient(policy, accum_steps, remat):
+    # Under a mixed policy with the chunked loss the head's gradient is added into the step's
+    # float32 sum for wte in the forward, and the embeddings' gradient comes from the masters:
+    # the tied wte must still get both, once each. Against the float64 gradient of the same
+    # params (the reference module, outside the library's model code), every leaf is within the
+    # compute dtype's gradient tolerance, as the whole-logits step is.
+    from functional_memopt.testing.reference import ReferenceGPT
+
+    cfg = fm.ModelConfig(vocab_size=512, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    params = fm.init_params(cfg, seed=3)
+    batch = fm.sample_batch(fm.load_corpus() % 512, 6, 16, seed=2, index=0)
+    batch = batch._replace(mask=(torch.arange(16) % 5 != 0).float().expand(6, 16).clone())
+    model = ReferenceGPT.from_params(optree.tree_map(torch.Tensor.double, params), cfg)
+    labels = torch.where(batch.mask.bool(), batch.targets, -100)
+    loss = torch.nn.functional.cross_entropy(model(batch.tokens).flatten(0, 1), labels.flatten(), ignore_index=-100)
+    loss.backward()
+    exact = model.tree({n: p.grad for n, p in model.named_parameters()})
+    eps = torch.finfo(fm.get_policy(policy).compute_dtype).eps
+    bound = testing.GRAD_TOLERANCE_FACTOR * eps
+    kw = dict(policy=policy, accum_steps=accum_steps, remat=remat)
+    sunk, m = _step_gradient(cfg, params, batch, loss_chunk=8, **kw)
+    whole, m_whole = _step_gradient(cfg, params, batch, **kw)
+    for name, tree in (("chunked", sunk), ("whole", whole)):
+        err = l2_difference(tree, exact) / l2(exact)
+        assert err <= bound, f"{name}: relative L2 error {err:.2e} of the whole gradient, bound {bound:.2e}"
+        err = l2_difference(tree["wte"], exact["wte"]) / l2(exact["wte"])
+        assert err <= bound, f"{name}: wte's relative error {err:.2e}, bound {bound:.2e}"
+    assert abs(float(m["grad_norm"]) / float(m_whole["grad_norm"]) - 1) <= 2 * bound
+    # Against autograd's route for the same chunked loss (a custom loss: the policy casts the tree
+    # first and the head's gradient goes through the backward), wte differs only by the roundings
+    # that route adds: its head sum to the compute dtype, that sum times the loss's gradient, and
+    # the sum with the embedding's part (half an epsilon each), so within 4 epsilons.
+    route, _ = _step_gradient(cfg, params, batch, policy=policy, accum_steps=accum_steps,
+                              loss_fn=make_loss_fn(cfg, remat=remat, loss_chunk=8))
+    err = l2_difference(sunk["wte"], route["wte"]) / l2(route["wte"])
+    assert err <= 4 * eps, f"wte {err:.2e} from autograd's route, bound {4 * eps:.2e}"

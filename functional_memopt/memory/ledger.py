@@ -219,11 +219,17 @@ def predict_memory(cfg: ModelConfig, *, batch_size: int, seq_len: int, device: s
         True: [(sv.full + (2 * N * H + 2 * N * C) * cb, n_mlp_out), (sv.full + 7 * N * C * cb, n_blk - n_ln)],
         False: [(sv.full + (N * H + N * C) * cb, n_mlp_out), (attn_saved + 6 * N * C * cb, n_blk - n_ln)],
     }
+    # The step's chunked head under just-in-time casts adds its gradient straight into the float32
+    # sum of wte in the forward (a HeadGradSink), and the embeddings read the master tables.
+    direct = s.loss_chunk is not None and cast and s.tied
+    n_wte, n_wpe = math.prod(shapes["wte"]), math.prod(shapes["wpe"])
+    # Without an accumulator to hold it (k = 1), the sink is wte's gradient, made as zeros first.
+    sink = n_wte * 4 if direct and s.accum_steps == 1 else 0
     if s.loss_chunk is None:
         logits = 3 * sv.log_softmax  # saved log-softmax, NLL gradient, log-softmax gradient
         forward = sum(sv.kept) + sv.head + sv.loss
     else:  # gradients made chunk by chunk in the forward: no log-softmax saved, no (N, V) buffer
-        logits = chunked_loss_bytes(N, s.loss_chunk, V, C, compute_bytes=cb)["peak"]
+        logits = chunked_loss_bytes(N, s.loss_chunk, V, C, compute_bytes=cb, direct=direct)["peak"]
         forward = sum(sv.kept) + sv.head + seq_len * 8
     recompute = max((a - N * C * cb for i in chosen for a, _ in points[True]), default=0)
 
@@ -240,11 +246,13 @@ def predict_memory(cfg: ModelConfig, *, batch_size: int, seq_len: int, device: s
         at_loss = compute - (math.prod(shapes["wpe"]) * cb if cast else 0)
     # The wpe copy is only read by an embedding, which saves indices, so it is gone by the loss.
     moments = {"loss": {**static, "compute_params": at_loss, "accumulator": accumulator, "activations": forward,
-                        "logits": logits}}
-    n_wte = math.prod(shapes["wte"])
+                        "logits": logits, "gradients": sink}}
 
     def done_grads(j: int, own: int) -> int:
         """Gradient bytes at block j's backward: the head's and the blocks' above, and its own so far."""
+        if direct:  # the head's part is in the sink; the rest as below
+            above = 0 if s.accum_steps > 1 else (n_head - n_wte + (L - 1 - j) * n_blk) * pb
+            return sink + above + own * cb
         if s.tied:
             # Just-in-time casts are recorded after the embedding, so autograd runs each one as soon
             # as its block (or ln_f) is done: those gradients are already back in the param dtype,
@@ -265,6 +273,15 @@ def predict_memory(cfg: ModelConfig, *, batch_size: int, seq_len: int, device: s
                       "gradients": done_grads(j, own)}
             if sum(moment.values()) > sum(moments.get(f"block {j}", {}).values()):
                 moments[f"block {j}"] = moment
+    # The embeddings' backward, last: every other gradient is done (k = 1) or in the accumulator.
+    # Their (N, C) gradient, and a dense table of wte's gradient: read from the masters (direct),
+    # a float32 table added into the sum in place; else a compute-dtype table, summed with the
+    # head's (waiting since the loss), and its float32 cast.
+    if s.tied and cast:
+        rest = 0 if s.accum_steps > 1 else (n_params - n_wte - n_wpe) * pb
+        table = (n_wte + n_wpe) * 4 if direct else n_wte * (2 * cb + 4) + n_wpe * (cb + 4)
+        moments["embedding"] = {**static, "accumulator": accumulator, "gradients": rest + sink + table,
+                                "activations": N * C * (cb + 4) + seq_len * 8}
     # A half-precision param dtype adds the gradients cast back from the float32 fold.
     moments["update"] = {**static, "gradients": grads + (n_params * pb if pb < 4 else 0), "update": update}
     phase = max(moments, key=lambda k: sum(moments[k].values()))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .._tree import tree_cast
 from ..data.batch import IGNORE_INDEX, token_weights
 from .attention import build_attention_mask, causal_attention, positions_from_segments
-from .chunked_loss import chunked_token_loss
+from .chunked_loss import HeadGradSink, chunked_token_loss
 from .config import ModelConfig
 from .layout import check_params
 from .remat import RematSpec, remat_layers
@@ -78,16 +78,27 @@ def _block_fn(block, x, *, cfg, mask, compute_dtype):
     return block_apply(block, x, cfg=cfg, mask=mask)
 
 
-def _features_and_head(params, tokens, cfg, *, attention_mask, segment_ids, remat, compute_dtype):
-    """(B, T, C) features after the final layer norm, and the head's weight (wte, cast once)."""
+def _features_and_head(params, tokens, cfg, *, attention_mask, segment_ids, remat, compute_dtype,
+                       direct_head: bool = False):
+    """(B, T, C) features after the final layer norm, and the head's weight (wte, cast once).
+
+    ``direct_head``: the head's gradient goes elsewhere (a HeadGradSink), so the head gets a
+    detached copy, and the embeddings read the master tables and cast the rows they gather (the
+    same values): their gradients reach the masters as dense float32 tables, with no
+    compute-dtype table of gradients beside them.
+    """
     T = tokens.shape[1]
     if segment_ids is not None:
         pos = positions_from_segments(segment_ids)
     else:
         pos = torch.arange(T, device=tokens.device)
     cast = (lambda t: t) if compute_dtype is None else (lambda t: tree_cast(t, compute_dtype))
-    wte = cast(params["wte"])  # one copy serves the embedding and the head, so their gradients add up
-    x = F.embedding(tokens, wte) + F.embedding(pos, cast(params["wpe"]))  # (B, T, C)
+    if direct_head:
+        wte = cast(params["wte"].detach())
+        x = cast(F.embedding(tokens, params["wte"]) + F.embedding(pos, params["wpe"]))  # (B, T, C)
+    else:
+        wte = cast(params["wte"])  # one copy serves the embedding and the head, so their gradients add up
+        x = F.embedding(tokens, wte) + F.embedding(pos, cast(params["wpe"]))  # (B, T, C)
     mask = build_attention_mask(T, attention_mask=attention_mask, segment_ids=segment_ids, device=tokens.device)
     fn = functools.partial(_block_fn, cfg=cfg, mask=mask, compute_dtype=compute_dtype)
     chosen = remat_layers(remat, cfg.n_layer)
@@ -170,6 +181,7 @@ def loss_fn(
     remat: RematSpec = None,
     compute_dtype: torch.dtype | None = None,
     loss_chunk: int | None = None,
+    head_grad: HeadGradSink | None = None,
     check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed token cross-entropy in float32 and the number of tokens counted.
@@ -185,6 +197,9 @@ def loss_fn(
         mask: optional (B, T) loss mask, nonzero where the token counts.
         loss_chunk: tokens per chunk of the head and cross-entropy (``chunked_token_loss``): the
             (B, T, V) logits are never materialised. None computes them whole.
+        head_grad: with ``loss_chunk``, a HeadGradSink that takes the tied head's gradient in the
+            forward (the training step's accumulator for ``wte``); ``wte`` then gets only the
+            embedding's gradient from the backward.
 
     Returns:
         (loss_sum, count): 0-d float32 tensors (float64 when the params are float64).
@@ -192,10 +207,13 @@ def loss_fn(
     if check:
         check_tokens(tokens, cfg)
         check_params(params, cfg)
+    if head_grad is not None and loss_chunk is None:
+        raise ValueError("loss_fn: head_grad needs the chunked loss (pass loss_chunk); the plain loss makes the "
+                         "head's gradient in the backward.")
     x, wte = _features_and_head(params, tokens, cfg, attention_mask=attention_mask, segment_ids=segment_ids,
-                                remat=remat, compute_dtype=compute_dtype)
+                                remat=remat, compute_dtype=compute_dtype, direct_head=head_grad is not None)
     if loss_chunk is not None:
-        return chunked_token_loss(x, wte, targets, mask, chunk=loss_chunk)
+        return chunked_token_loss(x, wte, targets, mask, chunk=loss_chunk, head_grad=head_grad)
     return token_loss(F.linear(x, wte), targets, mask)
 
 

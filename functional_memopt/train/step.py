@@ -26,6 +26,7 @@ import torch
 
 from ..data.batch import Batch, check_batch, split_microbatches, token_count
 from ..model.config import ModelConfig
+from ..model.chunked_loss import HeadGradSink
 from ..model.gpt import loss_fn as model_loss_fn
 from ..model.remat import RematSpec
 from ..optim.base import GradientTransformation
@@ -99,12 +100,20 @@ def make_loss_fn(cfg: ModelConfig, *, remat: RematSpec = None, loss_chunk: int |
         check: validate tokens and params on every call (a host sync; off inside the step).
     """
 
-    def loss(params, batch: Batch):
+    def loss(params, batch: Batch, head_grad: HeadGradSink | None = None):
         return model_loss_fn(params, batch.tokens, batch.targets, cfg, mask=batch.mask,
                              attention_mask=batch.attention_mask, segment_ids=batch.segment_ids, remat=remat,
-                             compute_dtype=compute_dtype, loss_chunk=loss_chunk, check=check)
+                             compute_dtype=compute_dtype, loss_chunk=loss_chunk, head_grad=head_grad, check=check)
 
     return loss
+
+
+def _head_sink(params, factor) -> HeadGradSink:
+    """The in-place fold's sum for the master wte (made here, as zeros, on the first micro-batch)."""
+    wte = params["wte"]
+    if wte.grad is None:
+        wte.grad = torch.zeros_like(wte)
+    return HeadGradSink(wte.grad, factor)
 
 
 def make_train_step(
@@ -203,8 +212,8 @@ def make_train_step(
     count_tokens = count_fn or token_count
     par = parallel or single_process()
 
-    def scaled_loss(params, batch, factor):
-        loss_sum, count = policed(params, batch)
+    def scaled_loss(params, batch, factor, *sink):
+        loss_sum, count = policed(params, batch, *sink)
         return loss_sum * factor.reshape(()).to(loss_sum.dtype), (loss_sum.detach(), count.detach())
 
     options = compile_options(compile)
@@ -214,6 +223,11 @@ def make_train_step(
                              "use engine='autograd' (autograd stays eager around the compiled loss).")
         scaled_loss = compile_loss(scaled_loss, options)
     grad_fn = value_and_grad(scaled_loss, has_aux=True, engine=engine)
+    # The chunked head adds its gradient straight into the in-place fold's float32 sum for wte, in
+    # the forward (model/chunked_loss.py): no (V, C) head gradient in any dtype, which at GPT-2's
+    # shape is the largest item above the optimizer-state floor. The compiled loss keeps autograd's
+    # route (a traced graph does not write into a buffer outside it).
+    direct_head = jit_cast and loss_chunk is not None and options is None and engine == "autograd"
 
     def fold(params, micro, factor):
         # The autograd engine adds each micro-batch's gradients into the sums as they are made
@@ -221,6 +235,9 @@ def make_train_step(
         # whose float32 accumulator they need.
         wide = all(accumulator_dtype(x.dtype) == x.dtype for x in optree.tree_leaves(params) if x.is_floating_point())
         if engine == "autograd" and wide:
+            if direct_head:
+                return accumulate_in_place(lambda p, mb: scaled_loss(p, mb, factor, _head_sink(p, factor)),
+                                           params, micro)
             return accumulate_in_place(lambda p, mb: scaled_loss(p, mb, factor), params, micro)
         return accumulate_gradients(lambda p, mb: grad_fn(p, mb, factor), params, micro)
 
