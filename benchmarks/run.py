@@ -109,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch intra-op threads (default: 1 on the CPU, so CPU time measures work alone)")
     parser.add_argument("--budget-s", type=float, default=None, help="time budget; late sections shrink or skip")
     parser.add_argument("--skip", default="",
-                        help="comma-separated sections to skip: speed,diagnostics,memory,compile,gpu,growth")
+                        help="comma-separated sections to skip: speed,diagnostics,memory,compile,gpu,growth,floor,"
+                             "chunked")
+    parser.add_argument("--only", default="",
+                        help="comma-separated sections to run again; the others are kept from the results.json "
+                             "already in --out, and RESULTS.md is regenerated from the whole")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -199,10 +203,65 @@ def main(argv: list[str] | None = None) -> int:
             result["chart"] = None
         return result
 
+    def script(name: str, argv: list[str], json_name: str, chart: str | None = None) -> dict:
+        """Run benchmarks/<name> in a fresh process; its JSON (and chart) land in --out."""
+        import subprocess
+
+        path = os.path.join(args.out, json_name)
+        cmd = [sys.executable, os.path.join(HERE, name), *argv, "--out", path]
+        if chart:
+            cmd += ["--chart", os.path.join(args.out, chart)]
+        left = deadline - time.monotonic()
+        log(f"{name}: {' '.join(shlex.quote(a) for a in argv)} ({left:.0f} s left)")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(HERE),
+                                                                        os.environ.get("PYTHONPATH")) if p))
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(600.0, left), env=env)
+        if done.returncode:
+            return {"error": f"{name} exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"}
+        with open(path) as f:
+            out = json.load(f)
+        out["command"] = f"python benchmarks/{name} {' '.join(argv)}"
+        if chart:
+            out["chart"] = chart
+        return out
+
+    def floor():
+        if mode != "full" or device.type != "cpu":
+            return {"skipped": "the full CPU run only (python benchmarks/memory_floor.py runs it alone)"}
+        rows, seq, accum = 2, 256, 2  # GPT-2 at the largest shape that takes a few minutes a row here
+        chart = "memory_floor.png"
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            chart = None
+        return script("memory_floor.py", ["--batch-size", str(rows), "--seq-len", str(seq), "--accum-steps",
+                                          str(accum), "--threads", str(max(threads, 2))], "memory_floor.json", chart)
+
+    def chunked():
+        if mode != "full" or device.type != "cpu":
+            return {"skipped": "the full CPU run only (python benchmarks/chunked_loss_bench.py runs it alone)"}
+        # bf16 matmuls are emulated on CPUs without bf16 instructions (ten times slower): fp32 there.
+        policy = "mixed_bf16" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "fp32"
+        return script("chunked_loss_bench.py", ["--repeats", "5", "--policy", policy], "chunked_loss.json")
+
     sections = {"speed": speed, "diagnostics": diagnostics, "memory": memory, "gpu": gpu, "compile": compile_,
-                "growth": growth_}
+                "growth": growth_, "floor": floor, "chunked": chunked}
     order = ["gpu", "speed", "diagnostics", "memory", "compile"] if device.type == "cuda" else list(sections)
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = sorted((only | skip) - set(sections))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {sorted(sections)}")
+    if only:
+        previous = os.path.join(args.out, "results.json")
+        if not os.path.exists(previous):
+            parser.error(f"--only keeps the other sections from {previous}, which does not exist; run without --only")
+        with open(previous) as f:
+            kept = json.load(f)
+        results.update({k: v for k, v in kept.items() if k in sections and k not in only})
+        results["meta"]["kept_from_previous_run"] = sorted(k for k in sections if k not in only and k in kept)
     for name in order:
+        if only and name not in only:
+            continue
         if name in skip:
             results[name] = {"skipped": "--skip"}
         else:

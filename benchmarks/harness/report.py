@@ -227,6 +227,47 @@ def _growth(g: dict) -> str:
     return "\n".join(out)
 
 
+def _floor(f: dict) -> str:
+    out = ["\n## 7. Down to the optimizer-state floor\n"]
+    err = _error(f)
+    if err:
+        return "\n".join(out + [err + "\n"])
+    out.append(f"`{f['command']}`: {f['preset']}, batch {f['batch_size']} x {f['seq_len']}, {f['accum_steps']} "
+               "micro-batches. Each row of the ledger's ablation is predicted (`fm.predict_memory`) and measured "
+               "(the live tensor peak of a real step, `fm.measure_memory`, a fresh process per row). The floor is "
+               "params + AdamW's moments + one float32 gradient, 16 bytes per parameter. Targets: every measured "
+               "peak within 3% of its prediction; at 8 x 1024, 4 micro-batches, everything on, at most 1.10x the "
+               "floor.\n")
+    out.append(_table(["technique", "predicted MiB", "measured MiB", "measured / predicted", "predicted / floor",
+                       "peak at"],
+                      [[r["name"], _mib(r["predicted"]), _mib(r["measured"]), _x(r["ratio"]),
+                        _x(r["predicted"] / r["floor"]), r["phase"]] for r in f["rows"]]))
+    shape = f["target_shape"]
+    out.append(f"\nPredicted at {shape['batch_size']} x {shape['seq_len']}, {shape['accum_steps']} micro-batches "
+               "(the shape the target is set at):\n")
+    base = f["target"]["baseline"]["predicted"]
+    out.append(_table(["technique", "predicted MiB", "predicted / floor", "of the fp32 baseline", "peak at"],
+                      [[k, _mib(v["predicted"]), _x(v["predicted"] / v["floor"]), _x(v["predicted"] / base),
+                        v["phase"]] for k, v in f["target"].items()]))
+    if f.get("chart"):
+        out.append(f"\n![memory floor]({f['chart']})\n")
+    return "\n".join(out)
+
+
+def _chunked(c: dict) -> str:
+    out = ["\n## 8. What the chunked loss costs\n"]
+    err = _error(c)
+    if err:
+        return "\n".join(out + [err + "\n"])
+    out.append(f"`{c['command']}`: the same step with and without `loss_chunk` (the ledger's chunk), policy "
+               f"{c['policy']}, interleaved in one process, CPU time per optimizer step, one thread, median of "
+               f"{c['repeats']}. Targets: at most 1.05 on tiny and small, 1.02 at GPT-2's shape.\n")
+    out.append(_table(["preset", "batch", "micro-batches", "remat", "chunk", "plain ms", "chunked ms", "ratio"],
+                      [[r["preset"], f"{r['rows']}x{r['seq']}", r["accum"], r["remat"] or "-", r["chunk"],
+                        _ms(r["plain_s"]), _ms(r["chunked_s"]), _x(r["ratio"])] for r in c["results"]]))
+    return "\n".join(out)
+
+
 def _gpu(g: dict) -> str:
     out = ["\n## 5. GPU: GPT-2 124M, bf16, MFU, fp16 / bf16, SDPA backend\n"]
     err = _error(g)
@@ -289,6 +330,20 @@ def targets(r: dict) -> list[list]:
     if fp:
         out.append(["gpu", "fp16 with dynamic loss scaling / bf16, functional", fp["ratio"], "<= 1.05",
                     bool(fp["ratio"] <= 1.05)])
+    fl = r.get("floor") or {}
+    for row in fl.get("rows", []):
+        out.append(["floor", f"{fl['preset']} {fl['batch_size']}x{fl['seq_len']} {row['name']}: measured / predicted",
+                    row["ratio"], "within 3%", bool(abs(row["ratio"] - 1) <= 0.03)])
+    if fl.get("target"):
+        all8 = fl["target"]["all"]
+        shape = fl["target_shape"]
+        out.append(["floor", f"{fl['preset']} {shape['batch_size']}x{shape['seq_len']}, {shape['accum_steps']} "
+                    "micro-batches, everything on: predicted / floor", all8["predicted"] / all8["floor"], "<= 1.10",
+                    bool(all8["predicted"] / all8["floor"] <= 1.10)])
+    for row in (r.get("chunked") or {}).get("results", []):
+        limit = 1.02 if row["preset"] == "gpt2" else 1.05
+        out.append(["chunked loss", f"{row['preset']} {row['rows']}x{row['seq']} chunk {row['chunk']}: chunked / "
+                    "plain step time", row["ratio"], f"<= {limit:.2f}", bool(row["ratio"] <= limit)])
     mem = r.get("memory") or {}
     for row in mem.get("rows", []):
         if row.get("within_tolerance") is not None:
@@ -330,5 +385,7 @@ def markdown(r: dict) -> str:
         parts.append(_memory(r["memory"]))
     parts.append(_gpu(r.get("gpu", {"skipped": "not run"})))
     parts.append(_growth(r.get("growth", {"skipped": "not run"})))
+    parts.append(_floor(r.get("floor", {"skipped": "not run"})))
+    parts.append(_chunked(r.get("chunked", {"skipped": "not run"})))
     parts.append(findings(r))
     return "\n".join(parts)

@@ -7,6 +7,8 @@ code runs it, with S the loss scale and N the tokens counted in the whole batch 
     batch --split--> k micro-batches; for each (one micro-batch's activations alive at a time):
         value_and_grad of loss_sum * S / N under the policy   # autograd engine by default
         fold: float32 accumulator += grads; loss sums and counts summed
+            (chunked head under just-in-time casts: its gradient * S / N goes into the
+            accumulator in the forward, through a HeadGradSink)
     acc = parallel.reduce(acc)                              # data parallel: one bucketed collective
     grads = acc / S, in place (exact for a power-of-two S)
     finite, norm = parallel.summarize(grads)               # one pass: global norm and finite check
