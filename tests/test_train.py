@@ -412,3 +412,20 @@ def test_the_chunked_heads_gradient_in_the_accumulator_is_the_exact_tied_gradien
                               loss_fn=make_loss_fn(cfg, remat=remat, loss_chunk=8))
     err = l2_difference(sunk["wte"], route["wte"]) / l2(route["wte"])
     assert err <= 4 * eps, f"wte {err:.2e} from autograd's route, bound {4 * eps:.2e}"
+
+
+@pytest.mark.parametrize("accum_steps, remat", [(1, None), (3, "all")])
+def test_in_float64_the_chunked_heads_sink_gives_the_whole_logits_step(accum_steps, remat):
+    # One dtype: the chunked head still sends its gradient into the fold's sum for wte (the model
+    # holds the fold's own leaves), and the embeddings' part arrives by autograd. In float64 the
+    # two steps agree to 1e-10, so a gradient counted twice, scaled twice or lost shows at once.
+    cfg = fm.ModelConfig(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    params = optree.tree_map(torch.Tensor.double, fm.init_params(cfg, seed=4))
+    batch = fm.sample_batch(fm.load_corpus() % 300, 6, 16, seed=1, index=0)
+    opt = sgd(0.5)
+    state = init_train_state(params, opt, loss_scale=static_loss_scale(2.0**5))
+    kw = dict(accum_steps=accum_steps, remat=remat, policy="params=fp64,compute=fp64,output=fp64")
+    chunked, m = make_train_step(cfg, opt, loss_chunk=7, **kw)(state, batch)
+    whole, m_whole = make_train_step(cfg, opt, **kw)(state, batch)
+    testing.assert_trees_close(chunked.params, whole.params, rtol=1e-10, atol=1e-12)
+    assert abs(float(m["grad_norm"]) - float(m_whole["grad_norm"])) <= 1e-10 * float(m_whole["grad_norm"])

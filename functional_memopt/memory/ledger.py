@@ -219,9 +219,9 @@ def predict_memory(cfg: ModelConfig, *, batch_size: int, seq_len: int, device: s
         True: [(sv.full + (2 * N * H + 2 * N * C) * cb, n_mlp_out), (sv.full + 7 * N * C * cb, n_blk - n_ln)],
         False: [(sv.full + (N * H + N * C) * cb, n_mlp_out), (attn_saved + 6 * N * C * cb, n_blk - n_ln)],
     }
-    # The step's chunked head under just-in-time casts adds its gradient straight into the float32
-    # sum of wte in the forward (a HeadGradSink), and the embeddings read the master tables.
-    direct = s.loss_chunk is not None and cast and s.tied
+    # The step's chunked head adds its gradient straight into the float32 (or wider) sum of wte in
+    # the forward (a HeadGradSink), and the embeddings read the master tables.
+    direct = s.loss_chunk is not None and s.tied and pb >= 4
     n_wte, n_wpe = math.prod(shapes["wte"]), math.prod(shapes["wpe"])
     # Without an accumulator to hold it (k = 1), the sink is wte's gradient, made as zeros first.
     sink = n_wte * 4 if direct and s.accum_steps == 1 else 0
@@ -277,9 +277,10 @@ def predict_memory(cfg: ModelConfig, *, batch_size: int, seq_len: int, device: s
     # Their (N, C) gradient, and a dense table of wte's gradient: read from the masters (direct),
     # a float32 table added into the sum in place; else a compute-dtype table, summed with the
     # head's (waiting since the loss), and its float32 cast.
-    if s.tied and cast:
+    if s.tied:
         rest = 0 if s.accum_steps > 1 else (n_params - n_wte - n_wpe) * pb
-        table = (n_wte + n_wpe) * 4 if direct else n_wte * (2 * cb + 4) + n_wpe * (cb + 4)
+        back = 4 if cast else 0  # the cast of a compute-dtype table back to float32
+        table = (n_wte + n_wpe) * 4 if direct else n_wte * (2 * cb + back) + n_wpe * (cb + back)
         moments["embedding"] = {**static, "accumulator": accumulator, "gradients": rest + sink + table,
                                 "activations": N * C * (cb + 4) + seq_len * 8}
     # A half-precision param dtype adds the gradients cast back from the float32 fold.

@@ -199,7 +199,8 @@ def make_train_step(
                         f"got {type(parallel).__name__}.")
     # Just-in-time casts pay under a mixed policy; with one dtype the policy's single cast at entry
     # (a no-op for params already in it) saves a tree walk per block and micro-batch.
-    jit_cast = loss_fn is None and policy_mode == "cast" and pol.compute_dtype != pol.param_dtype
+    own_loss = loss_fn is None  # the model's own loss (a custom loss_fn is opaque to the step)
+    jit_cast = own_loss and policy_mode == "cast" and pol.compute_dtype != pol.param_dtype
     if loss_fn is None:
         if cfg is None:
             raise ValueError("make_train_step: pass a ModelConfig or a loss_fn.")
@@ -227,9 +228,11 @@ def make_train_step(
     grad_fn = value_and_grad(scaled_loss, has_aux=True, engine=engine)
     # The chunked head adds its gradient straight into the in-place fold's float32 sum for wte, in
     # the forward (model/chunked_loss.py): no (V, C) head gradient in any dtype, which at GPT-2's
-    # shape is the largest item above the optimizer-state floor. The compiled loss keeps autograd's
-    # route (a traced graph does not write into a buffer outside it).
-    direct_head = jit_cast and loss_chunk is not None and options is None and engine == "autograd"
+    # shape is the largest item above the optimizer-state floor. Under the cast policy only (just in
+    # time, or one dtype): the model then holds the fold's own leaves. The compiled loss keeps
+    # autograd's route (a traced graph does not write into a buffer outside it).
+    direct_head = (own_loss and policy_mode == "cast" and loss_chunk is not None and options is None
+                   and engine == "autograd" and (jit_cast or pol.compute_dtype == pol.param_dtype))
 
     def fold(params, micro, factor):
         # The autograd engine adds each micro-batch's gradients into the sums as they are made
