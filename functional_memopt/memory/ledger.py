@@ -40,7 +40,10 @@ from ..train.precision import get_policy
 __all__ = ["MemorySettings", "MemoryPrediction", "predict_memory", "ablation", "choose_loss_chunk", "ITEMS",
            "block_saved_bytes", "saved_activation_bytes"]
 
-MIN_LOSS_CHUNK = 32  # tokens: below this a chunk's matmul is too thin to run efficiently
+# Tokens: each chunk's head-gradient product reads and writes the whole (V, C) sum once, so thin
+# chunks cost more than the logits they save (GPT-2, 2 x 128 tokens, fp32, one thread: chunk 32
+# 1.03x the whole-logits step, 64 1.01x, 128 0.94x; benchmarks/chunked_loss_bench.py).
+MIN_LOSS_CHUNK = 128
 ITEMS = ("params", "compute_params", "gradients", "optimizer", "accumulator", "activations", "logits",
          "update", "batch")
 
@@ -298,12 +301,13 @@ def choose_loss_chunk(cfg: ModelConfig, micro_batch_tokens: int) -> int:
 
     A chunk of c tokens holds c x V logits while x holds N x C values, so with
     ``c ~ N / ceil(V / C)`` the loss's working set is about that of one activation: it never
-    decides the peak (32 tokens at GPT-2's shape, 2 x 1024 tokens). Never fewer than 32 tokens
-    (or all of them), so each chunk's matmul stays efficient on a short micro-batch.
+    decides the peak (32 tokens at GPT-2's shape, 2 x 1024 tokens). Never fewer than
+    ``MIN_LOSS_CHUNK`` = 128 tokens (or all of them): each chunk adds its part of the head's
+    gradient into the whole (V, C) sum, a pass over V x C that thin chunks make too often.
 
     Example:
         >>> choose_loss_chunk(ModelConfig(vocab_size=50257, n_embd=768, n_head=12), 2048)
-        32
+        128
     """
     return max(liger_chunk(micro_batch_tokens, cfg.vocab_size, cfg.n_embd), min(MIN_LOSS_CHUNK, micro_batch_tokens))
 
