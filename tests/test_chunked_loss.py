@@ -506,3 +506,30 @@ def test_with_a_sink_no_head_sized_buffer_is_made_and_the_peak_is_the_ledgers(N,
     # (and a 0-d tensor or two fewer: 64 bytes of slack).
     route = measure_peak(chunked_token_loss, N, V, C, dtype, chunk=chunk)
     assert route - tracker.peak >= V * C * 4 - 64, (tracker.peak, route)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_a_fresh_sink_is_written_over_giving_the_values_of_a_sink_of_zeros(dtype, chunk):
+    # The step's first micro-batch hands the loss an unfilled buffer (no (V, C) zero fill): the
+    # first chunk writes its part, the rest add. Bit for bit what adding into zeros gives, whatever
+    # the buffer held (NaN here); cleared once written.
+    x, w, t, m = make_case(3, 2, 5, 6, 9, dtype)
+    f = torch.tensor(0.25)
+    zeros, junk = torch.zeros(9, 6), torch.full((9, 6), float("nan"))
+    sinks = HeadGradSink(zeros, f), HeadGradSink(junk, f, fresh=True)
+    for sink in sinks:
+        loss, _ = chunked_token_loss(x.detach().requires_grad_(True), w.detach(), t, m, chunk=chunk, head_grad=sink)
+    assert torch.equal(junk, zeros) and zeros.abs().sum() > 0
+    assert not sinks[1].fresh
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_a_fresh_sink_that_nothing_is_written_into_is_zeroed(grad):
+    # No tokens at all, or no gradient asked for: the buffer must not keep what it held.
+    buffer = torch.full((9, 6), float("nan"))
+    x = torch.randn(1, 0 if grad else 4, 6, requires_grad=True)
+    with torch.set_grad_enabled(grad):
+        chunked_token_loss(x, torch.randn(9, 6), torch.zeros(x.shape[:2], dtype=torch.long), chunk=2,
+                           head_grad=HeadGradSink(buffer, torch.tensor(1.0), fresh=True))
+    assert torch.equal(buffer, torch.zeros(9, 6))

@@ -6,6 +6,7 @@ import torch
 import functional_memopt as fm
 from functional_memopt import _tree as fmtree
 from functional_memopt import testing
+from functional_memopt.model.cce_loss import cce_available
 
 pytestmark = pytest.mark.cuda
 
@@ -88,3 +89,22 @@ def test_params_saved_from_cuda_load_back_on_cuda(tmp_path):
     loaded, cfg = fm.load_params(tmp_path / "p.safetensors", device="cuda")
     assert cfg == CFG and loaded["wte"].device.type == "cuda"
     testing.assert_trees_equal(loaded, fmtree.tree_cast(fmtree.tree_cast(params, torch.bfloat16), torch.float32))
+
+
+@pytest.mark.skipif(not cce_available(), reason="the cut-cross-entropy package is not installed")
+@pytest.mark.parametrize("policy", ["mixed_bf16", "mixed_fp16"])
+def test_cut_cross_entropys_kernels_give_the_fp32_cpu_step(policy):
+    # loss_chunk="cce" on CUDA: the same update as the fp32 CPU step within the half-precision
+    # tolerance of the test above (the kernels' gradient filter is off).
+    opt = fm.sgd(0.1)
+    params = fm.init_params(CFG, seed=0)
+    ref, _ = fm.make_train_step(CFG, opt, accum_steps=2)(fm.init_train_state(params, opt), _batch(device="cpu"))
+    ls = fm.static_loss_scale(2.0**8, device="cuda") if policy == "mixed_fp16" else None
+    state = fm.init_train_state(fmtree.tree_map(lambda x: x.cuda(), params), opt, loss_scale=ls)
+    step = fm.make_train_step(CFG, opt, policy=policy, accum_steps=2, loss_chunk="cce")
+    new, m = step(state, _batch())
+    assert not bool(m["skipped"])
+    eps, eps32 = torch.finfo(fm.get_policy(policy).compute_dtype).eps, torch.finfo(torch.float32).eps
+    update_tol = testing.GRAD_TOLERANCE_FACTOR * eps + 2 * testing.GRAD_TOLERANCE_FACTOR * eps32
+    err = testing.update_error(fmtree.tree_map(lambda x: x.cpu(), new.params), ref.params, params)
+    assert err <= update_tol, f"cce {policy}: the CUDA update differs from the CPU fp32 one by {err:.3e}"

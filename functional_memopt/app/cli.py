@@ -115,7 +115,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     add("--seq-len", "tokens per row (default: the block size)", type=_positive_int)
     add("--remat", "rematerialise blocks: none, all, or N for every N-th block (default none)")
     add("--loss-chunk", "tokens per chunk of the output head and loss, so the logits are never whole: auto (the "
-        "memory ledger's choice), none, or N (default auto)")
+        "memory ledger's choice), none, N, or cce (the cut-cross-entropy package's fused kernels: CUDA, mixed "
+        "precision, not compiled) (default auto)")
     add("--compile", "torch.compile the differentiated loss: auto (on CUDA), on or off (default auto)",
         choices=["auto", "on", "off"])
     add("--lr", f"peak learning rate (default {d.lr:g})", type=float)

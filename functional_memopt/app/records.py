@@ -19,6 +19,7 @@ from .run import Resolved, TrainArgs, check_model_fits
 __all__ = ["parse_run_config", "parse_meta"]
 
 _INT, _FLOAT, _STR = "an integer", "a number", "a string"
+_CHUNK = 'an integer or "cce"'
 
 
 def _is_int(v: Any) -> bool:
@@ -61,8 +62,8 @@ _TRAIN = {
     "gc_every": (_INT, False, lambda v: v >= 0, ">= 0"),
     "zero_stage": (_INT, False, lambda v: v in (0, 1, 2), "0, 1 or 2"),
     "dist_timeout": (_FLOAT, False, lambda v: v > 0, "> 0"),
-    "loss_chunk": (_STR, False, lambda v: v in ("auto", "none") or (v.isdigit() and int(v) >= 1),
-                   "auto, none or a whole number >= 1"),
+    "loss_chunk": (_STR, False, lambda v: v in ("auto", "none", "cce") or (v.isdigit() and int(v) >= 1),
+                   "auto, none, cce or a whole number >= 1"),
     "compile": (_STR, False, lambda v: v in ("auto", "on", "off"), "auto, on or off"),
 }
 _RESOLVED = {
@@ -73,7 +74,7 @@ _RESOLVED = {
     "warmup_steps": (_INT, False, lambda v: v >= 0, ">= 0"),
     "eval_interval": (_INT, False, lambda v: v >= 1, ">= 1"),
     "threads": (_INT, False, lambda v: v >= 1, ">= 1"),
-    "loss_chunk": (_INT, True, lambda v: v >= 1, ">= 1"),
+    "loss_chunk": (_CHUNK, True, lambda v: v == "cce" or v >= 1, ">= 1 or \"cce\""),
     "compile": ("true or false", False, None, ""),
 }
 # Fields that later versions added: a run recorded before them takes their defaults.
@@ -87,6 +88,7 @@ _MODEL = {
     "activation": (_STR, False, lambda v: v in ACTIVATIONS, " or ".join(ACTIVATIONS)),
 }
 _KIND_OK = {_INT: _is_int, _FLOAT: _is_num, _STR: lambda v: isinstance(v, str),
+            _CHUNK: lambda v: _is_int(v) or v == "cce",
             "true or false": lambda v: isinstance(v, bool)}
 
 

@@ -25,6 +25,7 @@ from ..io.params import save_params
 from ..memory.ledger import choose_loss_chunk
 from ..memory.rss import rss_peak
 from .format import format_bytes
+from ..model.cce_loss import CCE, check_cce
 from ..model.config import ModelConfig, get_config
 from ..model.layout import param_shapes
 from ..model.remat import remat_layers
@@ -62,7 +63,7 @@ class TrainArgs:
     accum_steps: int | None = None  # micro-batches per step and rank (None: the first of 4, 2, 1 that divides)
     seq_len: int | None = None  # tokens per row (None: block_size)
     remat: str = "none"  # "none", "all" or N (every N-th block)
-    loss_chunk: str = "auto"  # tokens per chunk of the head and loss: "auto" (the ledger's choice), "none" or N
+    loss_chunk: str = "auto"  # tokens per chunk of the head and loss: "auto" (the ledger's choice), "none", N or "cce"
     compile: str = "auto"  # torch.compile the differentiated loss: "auto" (on CUDA), "on" or "off"
     lr: float = 2e-3  # peak learning rate
     min_lr: float | None = None  # final learning rate of the cosine schedule (None: lr / 10)
@@ -95,7 +96,7 @@ class Resolved(NamedTuple):
     warmup_steps: int
     eval_interval: int
     threads: int
-    loss_chunk: int | None = None  # None: the whole logits (and runs recorded before the chunked loss)
+    loss_chunk: int | str | None = None  # None: the whole logits (and runs recorded before the chunked loss); "cce"
     compile: bool = False  # torch.compile the differentiated loss
 
 
@@ -201,14 +202,24 @@ def resolve_args(args: TrainArgs, device: torch.device, world_size: int = 1):
         loss_chunk = None
     elif args.loss_chunk.isdigit() and int(args.loss_chunk) >= 1:
         loss_chunk = int(args.loss_chunk)
+    elif args.loss_chunk == CCE:
+        loss_chunk = CCE
     else:
-        raise ValueError(f"train: --loss-chunk must be auto, none or an integer >= 1 (tokens per chunk), got "
+        raise ValueError(f"train: --loss-chunk must be auto, none, an integer >= 1 (tokens per chunk) or cce, got "
                          f"{args.loss_chunk!r}.")
     if args.compile not in ("auto", "on", "off"):
         raise ValueError(f"train: --compile must be auto, on or off, got {args.compile!r}.")
     # On the CPU compiling the tiny step takes about as long as it saves over a default run
-    # (benchmarks/compile_loss_bench.py), so auto compiles on CUDA only.
-    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    # (benchmarks/compile_loss_bench.py), so auto compiles on CUDA only (not around cce's kernels).
+    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda" and loss_chunk != CCE)
+    if loss_chunk == CCE:
+        if device.type != "cuda":
+            raise ValueError(f"train: --loss-chunk cce runs cut-cross-entropy's CUDA kernels; this run is on "
+                             f"{device.type}: use --loss-chunk auto there.")
+        try:
+            check_cce("train", compiled=compiled, compute_dtype=pol.compute_dtype)
+        except ValueError as err:  # name the flags, not the library's arguments
+            raise ValueError(f"train: --loss-chunk cce needs a mixed --policy and --compile off ({err})") from None
     warmup = min(100, args.steps // 8) if args.warmup_steps is None else args.warmup_steps
     if warmup < 0 or warmup > args.steps:
         raise ValueError(f"train: --warmup-steps must be between 0 and --steps ({args.steps}), got {warmup}.")

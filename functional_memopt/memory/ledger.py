@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..data.batch import rows_per_microbatch
+from ..model.cce_loss import CCE, cce_loss_bytes
 from ..model.chunked_loss import chunked_loss_bytes, liger_chunk
 from ..model.config import ModelConfig
 from ..model.layout import param_shapes
@@ -58,7 +59,7 @@ class MemorySettings(NamedTuple):
     zero_stage: int = 0  # 0, 1 (optimizer state sharded) or 2 (and gradients)
     world_size: int = 1  # ranks the ZeRO shards are spread over
     donate: bool = False  # make_train_step(donate=True): the optimizer updates in place
-    loss_chunk: int | None = None  # make_train_step(loss_chunk=...): tokens per chunk of the head and loss
+    loss_chunk: int | str | None = None  # make_train_step(loss_chunk=...): tokens per chunk, or "cce"
 
 
 class MemoryPrediction(NamedTuple):
@@ -144,9 +145,13 @@ def _check(cfg, batch_size, seq_len, s: MemorySettings, device) -> None:
         raise ValueError(f"{fn}: seq_len {seq_len} is longer than block_size {cfg.block_size}; "
                          "shorten the sequence or raise block_size.")
     rows_per_microbatch(batch_size, s.accum_steps, caller=fn)
-    if s.loss_chunk is not None:
+    if s.loss_chunk == CCE:
+        if device != "cuda" or get_policy(s.policy).compute_dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"{fn}: loss_chunk='cce' (cut-cross-entropy's kernels) runs on CUDA with a half compute "
+                             f"dtype; pass device='cuda' and a mixed policy, or an integer loss_chunk.")
+    elif s.loss_chunk is not None:
         if isinstance(s.loss_chunk, bool) or not isinstance(s.loss_chunk, int) or s.loss_chunk < 1:
-            raise ValueError(f"{fn}: loss_chunk must be None or an integer >= 1, got {s.loss_chunk!r}.")
+            raise ValueError(f"{fn}: loss_chunk must be None, an integer >= 1 or 'cce', got {s.loss_chunk!r}.")
         if not s.tied:
             raise ValueError(f"{fn}: loss_chunk chunks the tied head; the untied variant has no chunked loss.")
     if s.zero_stage not in (0, 1, 2):
@@ -224,7 +229,7 @@ def predict_memory(cfg: ModelConfig, *, batch_size: int, seq_len: int, device: s
     }
     # The step's chunked head adds its gradient straight into the float32 (or wider) sum of wte in
     # the forward (a HeadGradSink), and the embeddings read the master tables.
-    direct = s.loss_chunk is not None and s.tied and pb >= 4
+    direct = isinstance(s.loss_chunk, int) and s.tied and pb >= 4
     n_wte, n_wpe = math.prod(shapes["wte"]), math.prod(shapes["wpe"])
     # Without an accumulator to hold it (k = 1), the sink is wte's gradient, made as zeros first.
     sink = n_wte * 4 if direct and s.accum_steps == 1 else 0
@@ -232,7 +237,8 @@ def predict_memory(cfg: ModelConfig, *, batch_size: int, seq_len: int, device: s
         logits = 3 * sv.log_softmax  # saved log-softmax, NLL gradient, log-softmax gradient
         forward = sum(sv.kept) + sv.head + sv.loss
     else:  # gradients made chunk by chunk in the forward: no log-softmax saved, no (N, V) buffer
-        logits = chunked_loss_bytes(N, s.loss_chunk, V, C, compute_bytes=cb, direct=direct)["peak"]
+        logits = (cce_loss_bytes(N, V, C, compute_bytes=cb) if s.loss_chunk == CCE else
+                  chunked_loss_bytes(N, s.loss_chunk, V, C, compute_bytes=cb, direct=direct))["peak"]
         forward = sum(sv.kept) + sv.head + seq_len * 8
     recompute = max((a - N * C * cb for i in chosen for a, _ in points[True]), default=0)
 

@@ -45,17 +45,20 @@ class HeadGradSink:
         factor: a 0-d (or one-element) tensor, the gradient the loss sum will receive in the
             backward (the step differentiates ``loss_sum * factor``). The head's part is scaled
             by it in the forward, before that gradient is known, so the two must agree.
+        fresh: the buffer holds no values yet (``torch.empty``): the first chunk writes its part
+            over it instead of adding (the same values as adding into zeros), which spares a pass
+            that fills (V, C) zeros; a loss over no tokens zeroes it. It is cleared once written.
 
     A plain object, not a pytree: the precision policy's casts pass it through untouched.
     """
 
-    __slots__ = ("buffer", "factor")
+    __slots__ = ("buffer", "factor", "fresh")
 
-    def __init__(self, buffer: torch.Tensor, factor: torch.Tensor):
+    def __init__(self, buffer: torch.Tensor, factor: torch.Tensor, *, fresh: bool = False):
         if buffer.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"HeadGradSink: the buffer must be float32 or float64 (the step's accumulator), "
                              f"got {buffer.dtype}.")
-        self.buffer, self.factor = buffer, factor.reshape(()).to(buffer.dtype)
+        self.buffer, self.factor, self.fresh = buffer, factor.reshape(()).to(buffer.dtype), fresh
 
 
 def sink_rows(chunk: int, vocab: int, width: int) -> int:
@@ -105,11 +108,18 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 # The (C, V) form of the same product: addmm_ into a (V, C) target through
                 # transposed operands allocated two (V, C) temporaries (measured); this none.
                 if direct:
+                    # A fresh buffer's first chunk is written, not added (0 + p is p, so the same values).
                     if gz.dtype == acc:
-                        sink.buffer.t().addmm_(xc.t(), gz.mul_(sink.factor))
+                        sink.buffer.t().addmm_(xc.t(), gz.mul_(sink.factor), beta=0 if sink.fresh else 1)
                     else:  # a half product of `rows` head rows at a time, scaled and added in float32
                         for r in range(0, weight.shape[0], rows):
-                            sink.buffer[r:r + rows].addcmul_(gz[:, r:r + rows].t() @ xc, sink.factor)
+                            part = gz[:, r:r + rows].t() @ xc
+                            if sink.fresh:
+                                sink.buffer[r:r + rows].copy_(part).mul_(sink.factor)
+                            else:
+                                sink.buffer[r:r + rows].addcmul_(part, sink.factor)
+                            del part  # one product alive at a time
+                    sink.fresh = False
                 elif gz.dtype == acc:
                     grad_w.t().addmm_(xc.t(), gz)
                 else:
@@ -118,6 +128,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             else:
                 del z
             del valid, t_safe, m, zt, total, nll
+        if direct and sink.fresh:  # no chunk ran (no tokens): its part is zero
+            sink.buffer.zero_()
+            sink.fresh = False
         count = tokw.sum()
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
@@ -176,7 +189,7 @@ def chunked_token_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     """
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunked_token_loss: chunk must be an int >= 1 (tokens per chunk), got {chunk!r}; "
-                         "pass e.g. chunk=256, or loss_chunk=None for the plain loss.")
+                         "pass e.g. chunk=256, or loss_chunk=None for the plain loss ('cce' for cut-cross-entropy).")
     if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"chunked_token_loss: expected x (B, T, C) and weight (V, C) with the same C, got x "
                          f"{tuple(x.shape)} and weight {tuple(weight.shape)}.")
@@ -194,6 +207,9 @@ def chunked_token_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         raise ValueError(f"chunked_token_loss: head_grad's buffer must have the weight's shape {tuple(weight.shape)}, "
                          f"got {tuple(head_grad.buffer.shape)}.")
     with_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or head_grad is not None)
+    if head_grad is not None and head_grad.fresh and not with_grad:  # nothing will be written into it
+        head_grad.buffer.zero_()
+        head_grad.fresh = False
     loss, count, _, _ = _ChunkedCrossEntropy.apply(x2, weight, tgt, tokw, chunk, with_grad,
                                                    head_grad if with_grad else None)
     return loss, count

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .._tree import tree_cast
 from ..data.batch import IGNORE_INDEX, token_weights
 from .attention import build_attention_mask, causal_attention, positions_from_segments
+from .cce_loss import CCE, cce_token_loss
 from .chunked_loss import HeadGradSink, chunked_token_loss
 from .config import ModelConfig
 from .layout import check_params
@@ -180,7 +181,7 @@ def loss_fn(
     segment_ids: torch.Tensor | None = None,
     remat: RematSpec = None,
     compute_dtype: torch.dtype | None = None,
-    loss_chunk: int | None = None,
+    loss_chunk: int | str | None = None,
     head_grad: HeadGradSink | None = None,
     check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +197,8 @@ def loss_fn(
         targets: (B, T) next-token ids; IGNORE_INDEX marks positions not counted.
         mask: optional (B, T) loss mask, nonzero where the token counts.
         loss_chunk: tokens per chunk of the head and cross-entropy (``chunked_token_loss``): the
-            (B, T, V) logits are never materialised. None computes them whole.
+            (B, T, V) logits are never materialised. None computes them whole; "cce" uses the
+            cut-cross-entropy package's fused CUDA kernels (``model.cce_loss``).
         head_grad: with ``loss_chunk``, a HeadGradSink that takes the tied head's gradient in the
             forward (the training step's accumulator for ``wte``); ``wte`` then gets only the
             embedding's gradient from the backward.
@@ -207,11 +209,13 @@ def loss_fn(
     if check:
         check_tokens(tokens, cfg)
         check_params(params, cfg)
-    if head_grad is not None and loss_chunk is None:
-        raise ValueError("loss_fn: head_grad needs the chunked loss (pass loss_chunk); the plain loss makes the "
-                         "head's gradient in the backward.")
+    if head_grad is not None and (loss_chunk is None or loss_chunk == CCE):
+        raise ValueError("loss_fn: head_grad needs the chunked loss (pass an integer loss_chunk); the plain loss "
+                         "and cut-cross-entropy make the head's gradient in the backward.")
     x, wte = _features_and_head(params, tokens, cfg, attention_mask=attention_mask, segment_ids=segment_ids,
                                 remat=remat, compute_dtype=compute_dtype, direct_head=head_grad is not None)
+    if loss_chunk == CCE:
+        return cce_token_loss(x, wte, targets, mask)
     if loss_chunk is not None:
         return chunked_token_loss(x, wte, targets, mask, chunk=loss_chunk, head_grad=head_grad)
     return token_loss(F.linear(x, wte), targets, mask)

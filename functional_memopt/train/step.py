@@ -28,6 +28,7 @@ import torch
 
 from ..data.batch import Batch, check_batch, split_microbatches, token_count
 from ..model.config import ModelConfig
+from ..model.cce_loss import CCE, check_cce
 from ..model.chunked_loss import HeadGradSink
 from ..model.gpt import loss_fn as model_loss_fn
 from ..model.remat import RematSpec
@@ -90,14 +91,15 @@ def init_train_state(
     )
 
 
-def make_loss_fn(cfg: ModelConfig, *, remat: RematSpec = None, loss_chunk: int | None = None,
+def make_loss_fn(cfg: ModelConfig, *, remat: RematSpec = None, loss_chunk: int | str | None = None,
                  compute_dtype: torch.dtype | None = None, check: bool = False) -> Callable:
     """The model's ``loss(params, batch) -> (loss_sum, count)`` for a Batch.
 
     Args:
         cfg: the model config.
         remat: blocks to rematerialise (see remat_layers).
-        loss_chunk: tokens per chunk of the head and cross-entropy (None: the whole logits).
+        loss_chunk: tokens per chunk of the head and cross-entropy (None: the whole logits;
+            "cce": cut-cross-entropy's kernels).
         compute_dtype: cast each block's params to this dtype just in time (None: no cast).
         check: validate tokens and params on every call (a host sync; off inside the step).
     """
@@ -111,11 +113,13 @@ def make_loss_fn(cfg: ModelConfig, *, remat: RematSpec = None, loss_chunk: int |
 
 
 def _head_sink(params, factor) -> HeadGradSink:
-    """The in-place fold's sum for the master wte (made here, as zeros, on the first micro-batch)."""
+    """The in-place fold's sum for the master wte (made here on the first micro-batch, unfilled:
+    the chunked loss writes its first chunk over it)."""
     wte = params["wte"]
-    if wte.grad is None:
-        wte.grad = torch.zeros_like(wte)
-    return HeadGradSink(wte.grad, factor)
+    fresh = wte.grad is None
+    if fresh:
+        wte.grad = torch.empty_like(wte)
+    return HeadGradSink(wte.grad, factor, fresh=fresh)
 
 
 def make_train_step(
@@ -126,7 +130,7 @@ def make_train_step(
     accum_steps: int = 1,
     remat: RematSpec = None,
     max_grad_norm: float | None = None,
-    loss_chunk: int | None = None,
+    loss_chunk: int | str | None = None,
     loss_fn: Callable | None = None,
     count_fn: Callable | None = None,
     donate: bool = False,
@@ -150,7 +154,9 @@ def make_train_step(
             ``clip_by_global_norm`` inside the optimizer, which would see one shard under ZeRO.
         loss_chunk: tokens per chunk of the model's head and cross-entropy, so the (b, T, V)
             logits of a micro-batch are never materialised (None: computed whole). The ledger
-            chooses one (``memopt train --loss-chunk auto``).
+            chooses one (``memopt train --loss-chunk auto``). "cce" runs the head and loss in the
+            optional cut-cross-entropy package's fused CUDA kernels instead (a half compute dtype,
+            the autograd engine, not compiled; see ``model.cce_loss``).
         loss_fn: ``loss_fn(params, batch) -> (loss_sum, count)``; the model's by default. A custom
             batch type needs a ``split_microbatches``-compatible NamedTuple of (B, ...) tensors.
         count_fn: ``count_fn(batch) -> tokens`` that ``loss_fn`` counts in the whole batch (default
@@ -220,6 +226,11 @@ def make_train_step(
         return loss_sum * factor.reshape(()).to(loss_sum.dtype), (loss_sum.detach(), count.detach())
 
     options = compile_options(compile)
+    if loss_chunk == CCE:
+        if policy_mode != "cast":
+            raise ValueError(f"make_train_step: loss_chunk='cce' needs policy_mode='cast' (the kernels take the head "
+                             f"and features in one half dtype), got {policy_mode!r}.")
+        check_cce("make_train_step", engine=engine, compiled=options is not None, compute_dtype=pol.compute_dtype)
     if options is not None:
         if engine != "autograd":
             raise ValueError(f"make_train_step: compile= compiles the loss for engine='autograd', got engine={engine!r}; "
@@ -231,7 +242,7 @@ def make_train_step(
     # shape is the largest item above the optimizer-state floor. Under the cast policy only (just in
     # time, or one dtype): the model then holds the fold's own leaves. The compiled loss keeps
     # autograd's route (a traced graph does not write into a buffer outside it).
-    direct_head = (own_loss and policy_mode == "cast" and loss_chunk is not None and options is None
+    direct_head = (own_loss and policy_mode == "cast" and isinstance(loss_chunk, int) and options is None
                    and engine == "autograd" and (jit_cast or pol.compute_dtype == pol.param_dtype))
 
     def fold(params, micro, factor):
