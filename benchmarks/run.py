@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             return {"skipped": "the full CPU run only (python benchmarks/chunked_loss_bench.py runs it alone)"}
         # bf16 matmuls are emulated on CPUs without bf16 instructions (ten times slower): fp32 there.
         policy = "mixed_bf16" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "fp32"
-        return script("chunked_loss_bench.py", ["--repeats", "5", "--policy", policy], "chunked_loss.json")
+        return script("chunked_loss_bench.py", ["--repeats", "5", "--policy", policy], "chunked_loss.json",
+                      least_s=1800.0)  # GPT-2 at 2 x 1024: a few minutes
 
     sections = {"speed": speed, "diagnostics": diagnostics, "memory": memory, "gpu": gpu, "compile": compile_,
                 "growth": growth_, "floor": floor, "chunked": chunked}
@@ -260,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             kept = json.load(f)
         results.update({k: v for k, v in kept.items() if k in sections and k not in only})
         results["meta"]["kept_from_previous_run"] = sorted(k for k in sections if k not in only and k in kept)
+        old = kept.get("meta", {})
+        results["meta"]["previous"] = old.get("previous") or {k: old.get(k) for k in ("command", "date", "elapsed_s")}
     for name in order:
         if only and name not in only:
             continue

@@ -107,3 +107,13 @@ def test_a_step_through_the_package_matches_the_plain_step(monkeypatch):
     torch.testing.assert_close(mb["loss"], ma["loss"], rtol=4 * eps, atol=0)
     moved = (b.params["wte"] - state.params["wte"]).abs().amax()
     assert moved > 0.1 * 8 * eps  # the comparison above is not vacuous
+
+
+@pytest.mark.parametrize("x, w, t, match", [
+    (torch.randn(1, 3, 4), torch.randn(5, 6), torch.zeros(1, 3, dtype=torch.long), "weight \\(V, C\\) with the same C"),
+    (torch.randn(1, 3, 4), torch.randn(5, 4), torch.zeros(1, 2, dtype=torch.long), "targets must have shape \\(1, 3\\)"),
+    (torch.randn(1, 3, 4), torch.randn(5, 4).double(), torch.zeros(1, 3, dtype=torch.long), "share one dtype"),
+])
+def test_inputs_of_the_wrong_shape_or_dtype_are_refused_naming_them(x, w, t, match):
+    with pytest.raises(ValueError, match="cce_token_loss: .*" + match):
+        cce_token_loss(x, w, t, impl="torch_compile")

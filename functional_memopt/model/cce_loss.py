@@ -34,6 +34,7 @@ import importlib.util
 import torch
 
 from ..data.batch import IGNORE_INDEX, token_weights
+from .chunked_loss import check_head_inputs
 
 __all__ = ["CCE", "cce_available", "cce_token_loss", "cce_loss_bytes", "check_cce"]
 
@@ -81,12 +82,7 @@ def cce_token_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     Returns:
         (loss_sum, count): 0-d float32 tensors, as ``token_loss``.
     """
-    if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"cce_token_loss: expected x (B, T, C) and weight (V, C) with the same C, got x "
-                         f"{tuple(x.shape)} and weight {tuple(weight.shape)}.")
-    if tuple(targets.shape) != tuple(x.shape[:-1]):
-        raise ValueError(f"cce_token_loss: targets must have shape {tuple(x.shape[:-1])} (one per token of x), "
-                         f"got {tuple(targets.shape)}.")
+    check_head_inputs("cce_token_loss", x, weight, targets)
     if weight.dtype != x.dtype:
         raise ValueError(f"cce_token_loss: x and weight must share one dtype, got {x.dtype} and {weight.dtype}.")
     if impl is None:

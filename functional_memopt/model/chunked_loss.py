@@ -190,12 +190,7 @@ def chunked_token_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunked_token_loss: chunk must be an int >= 1 (tokens per chunk), got {chunk!r}; "
                          "pass e.g. chunk=256, or loss_chunk=None for the plain loss ('cce' for cut-cross-entropy).")
-    if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"chunked_token_loss: expected x (B, T, C) and weight (V, C) with the same C, got x "
-                         f"{tuple(x.shape)} and weight {tuple(weight.shape)}.")
-    if tuple(targets.shape) != tuple(x.shape[:-1]):
-        raise ValueError(f"chunked_token_loss: targets must have shape {tuple(x.shape[:-1])} (one per token of "
-                         f"x), got {tuple(targets.shape)}.")
+    check_head_inputs("chunked_token_loss", x, weight, targets)
     if x.dtype not in _FLOATS or weight.dtype != x.dtype:
         raise ValueError(f"chunked_token_loss: x and weight must share one floating dtype, got {x.dtype} and "
                          f"{weight.dtype}; cast both to the compute dtype.")
@@ -213,6 +208,16 @@ def chunked_token_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     loss, count, _, _ = _ChunkedCrossEntropy.apply(x2, weight, tgt, tokw, chunk, with_grad,
                                                    head_grad if with_grad else None)
     return loss, count
+
+
+def check_head_inputs(caller: str, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
+    """Raise a ValueError naming ``caller`` unless x is (..., C), weight (V, C) and targets x's shape but C."""
+    if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{caller}: expected x (B, T, C) and weight (V, C) with the same C, got x "
+                         f"{tuple(x.shape)} and weight {tuple(weight.shape)}.")
+    if tuple(targets.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"{caller}: targets must have shape {tuple(x.shape[:-1])} (one per token of x), got "
+                         f"{tuple(targets.shape)}.")
 
 
 def liger_chunk(n_tokens: int, vocab: int, width: int) -> int:
