@@ -344,6 +344,13 @@ DAMAGED_RECORDS = {
                             "meta.batch_index is missing, expected an integer >= 0"),
     "batch_index off by one": ("state.json", lambda r: r["meta"].update(batch_index=7),
                                "meta.batch_index is 7, expected the updates applied plus the steps skipped (6 + 0)"),
+    "loss_chunk 0": ("config.json", lambda r: r["resolved"].update(loss_chunk=0),
+                     'resolved.loss_chunk is 0, expected an integer >= 1 or "cce" or null'),
+    "loss_chunk 'big'": ("config.json", lambda r: r["resolved"].update(loss_chunk="big"),
+                         'resolved.loss_chunk is \'big\', expected an integer >= 1 or "cce" or null'),
+    "cut-cross-entropy recorded, resumed on the CPU": (
+        "config.json", lambda r: (r["train"].update(loss_chunk="cce"), r["resolved"].update(loss_chunk="cce")),
+        "--loss-chunk cce runs cut-cross-entropy's CUDA kernels; this run is on cpu"),
     "step -1": ("state.json", lambda r: r.update(step=-1), "the field 'step' is -1, expected an integer >= 0"),
 }
 

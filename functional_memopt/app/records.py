@@ -19,7 +19,7 @@ from .run import Resolved, TrainArgs, check_model_fits
 __all__ = ["parse_run_config", "parse_meta"]
 
 _INT, _FLOAT, _STR = "an integer", "a number", "a string"
-_CHUNK = 'an integer or "cce"'
+_CHUNK = 'an integer >= 1 or "cce"'
 
 
 def _is_int(v: Any) -> bool:
@@ -74,7 +74,7 @@ _RESOLVED = {
     "warmup_steps": (_INT, False, lambda v: v >= 0, ">= 0"),
     "eval_interval": (_INT, False, lambda v: v >= 1, ">= 1"),
     "threads": (_INT, False, lambda v: v >= 1, ">= 1"),
-    "loss_chunk": (_CHUNK, True, lambda v: v == "cce" or v >= 1, ">= 1 or \"cce\""),
+    "loss_chunk": (_CHUNK, True, lambda v: v == "cce" or v >= 1, ""),
     "compile": ("true or false", False, None, ""),
 }
 # Fields that later versions added: a run recorded before them takes their defaults.
