@@ -38,7 +38,8 @@ from .faults import install_fault_hook
 from .loop import train
 from .memory_report import add_memory_arguments, memory_command
 from .records import parse_run_config
-from .run import CPU_DEFAULT_POLICY, FLAGS, TrainArgs, choose_threads, read_run_config, resolve_args, resolve_device
+from .run import CPU_DEFAULT_POLICY, FLAGS, TrainArgs, choose_threads, resolve_args, resolve_device
+from .run_dir import read_run_config
 from .verify import verify_command
 
 __all__ = ["main", "build_parser"]

@@ -12,7 +12,8 @@ from ..io.gpt2 import load_gpt2, save_gpt2
 from ..io.params import load_params, params_file_info, save_params
 from ..model.generate import check_sampling, generate
 from .format import format_bytes
-from .run import PARAMS_FILE, resolve_device
+from .run import resolve_device
+from .run_dir import PARAMS_FILE
 
 __all__ = ["sample_command", "convert_command"]
 

@@ -16,7 +16,8 @@ from typing import Any, Callable
 from ..io.params import params_file_info
 from ..io.tensor_files import verify_digest
 from ..model.config import ModelConfig
-from .run import PARAMS_FILE, RunFiles, TrainArgs
+from .run import TrainArgs
+from .run_dir import PARAMS_FILE, RunFiles
 
 __all__ = ["repair_params", "steps_change"]
 

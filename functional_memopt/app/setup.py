@@ -32,7 +32,8 @@ from ..train.precision import get_policy
 from ..train.step import TrainState, init_train_state, make_train_step
 from .records import parse_meta
 from .resume import repair_params, steps_change
-from .run import FLAGS, RUN_FORMAT, Resolved, RunFiles, TrainArgs, prepare_run_dir, remove_leftovers
+from .run import FLAGS, Resolved, TrainArgs
+from .run_dir import RUN_FORMAT, RunFiles, prepare_run_dir, remove_leftovers
 
 __all__ = ["Run", "set_up", "build_optimizer", "batch_at", "say", "VAL_SEED"]
 

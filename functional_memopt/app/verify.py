@@ -30,7 +30,7 @@ from ..train.step import init_train_state
 from ..io.files import leftovers
 from .setup import build_optimizer
 from .records import parse_meta, parse_run_config
-from .run import PARAMS_FILE, TEMPORARY_RUN_FILES, read_run_config
+from .run_dir import PARAMS_FILE, TEMPORARY_RUN_FILES, read_run_config
 
 __all__ = ["verify_run", "verify_command"]
 
