@@ -103,6 +103,26 @@ def test_the_library_step_with_k_micro_batches_is_the_step_with_one(cfg, data, p
         _state(cfg, opt, seed=data.draw(st.integers(0, 99)), policy=policy), batch, ks, rtol=tol)
 
 
+def _toy_steps(update, differ):
+    """``k -> step`` moving float32 params by ``update``; the k > 1 steps by ``differ(update)`` instead."""
+    def make(k):
+        u = update if k == 1 else differ(update)
+        return lambda state, batch: (state._replace(params={"w": (state.params["w"] + u).float()}), {})
+    return make
+
+
+def test_the_accumulation_bound_allows_the_rounding_of_the_new_params_and_no_more():
+    # Params of about 1 moved by updates of about 1e-3: rounding p + u to float32 can put two
+    # updates equal to the last bit an ulp of p apart (2**-23 of p: 1.2e-4 of this update), which
+    # the bound allows; an update 1e-3 off (a micro-batch mis-weighted by 0.1%) it does not.
+    state = fm.init_train_state({"w": torch.ones(1000)}, fm.sgd(0.1))
+    u = torch.full((1000,), 1e-3)
+    ulp_apart = lambda u: u + torch.where(torch.arange(1000) < 10, 2.0 ** -23, 0.0)  # noqa: E731
+    testing.assert_accumulation_invariant(_toy_steps(u, ulp_apart), state, None, ks=(2,))
+    with pytest.raises(AssertionError, match=r"the update differs by 9\.5\d+e-04"):
+        testing.assert_accumulation_invariant(_toy_steps(u, lambda u: u * 1.001), state, None, ks=(2,))
+
+
 def test_accumulation_invariance_catches_a_mean_of_per_micro_batch_means():
     cfg, batch = _problem()  # rows with 7, 1, 5 and 2 counted targets: the two halves differ
     opt = fm.sgd(0.1)
