@@ -205,10 +205,7 @@ def resolve_args(args: TrainArgs, device: torch.device, world_size: int = 1):
         if device.type != "cuda":
             raise ValueError(f"train: --loss-chunk cce runs cut-cross-entropy's CUDA kernels; this run is on "
                              f"{device.type}: use --loss-chunk auto there.")
-        try:
-            check_cce("train", compiled=compiled, compute_dtype=pol.compute_dtype)
-        except ValueError as err:  # name the flags, not the library's arguments
-            raise ValueError(f"train: --loss-chunk cce needs a mixed --policy and --compile off ({err})") from None
+        check_cce("train", compiled=compiled, compute_dtype=pol.compute_dtype)
     warmup = min(100, args.steps // 8) if args.warmup_steps is None else args.warmup_steps
     if warmup < 0 or warmup > args.steps:
         raise ValueError(f"train: --warmup-steps must be between 0 and --steps ({args.steps}), got {warmup}.")

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..data.batch import rows_per_microbatch
-from ..model.cce_loss import CCE, cce_loss_bytes
+from ..model.cce_loss import CCE, CCE_DTYPES, cce_loss_bytes
 from ..model.chunked_loss import chunked_loss_bytes, liger_chunk
 from ..model.config import ModelConfig
 from ..model.layout import param_shapes
@@ -146,7 +146,7 @@ def _check(cfg, batch_size, seq_len, s: MemorySettings, device) -> None:
                          "shorten the sequence or raise block_size.")
     rows_per_microbatch(batch_size, s.accum_steps, caller=fn)
     if s.loss_chunk == CCE:
-        if device != "cuda" or get_policy(s.policy).compute_dtype not in (torch.float16, torch.bfloat16):
+        if device != "cuda" or get_policy(s.policy).compute_dtype not in CCE_DTYPES:
             raise ValueError(f"{fn}: loss_chunk='cce' (cut-cross-entropy's kernels) runs on CUDA with a half compute "
                              f"dtype; pass device='cuda' and a mixed policy, or an integer loss_chunk.")
     elif s.loss_chunk is not None:

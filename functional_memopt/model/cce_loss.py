@@ -36,10 +36,10 @@ import torch
 from ..data.batch import IGNORE_INDEX, token_weights
 from .chunked_loss import check_head_inputs
 
-__all__ = ["CCE", "cce_available", "cce_token_loss", "cce_loss_bytes", "check_cce"]
+__all__ = ["CCE", "CCE_DTYPES", "cce_available", "cce_token_loss", "cce_loss_bytes", "check_cce"]
 
 CCE = "cce"  # the loss_chunk value that selects this route
-_HALF = (torch.float16, torch.bfloat16)
+CCE_DTYPES = (torch.float16, torch.bfloat16)  # the compute dtypes its backward takes
 
 
 def cce_available() -> bool:
@@ -61,7 +61,7 @@ def check_cce(caller: str, *, engine: str = "autograd", compiled: bool = False,
     if compiled:
         raise ValueError(f"{caller}: loss_chunk='cce' runs cut-cross-entropy's own kernels eagerly; turn compile "
                          "off, or pass an integer loss_chunk to compile the chunked loss.")
-    if compute_dtype is not None and compute_dtype not in _HALF:
+    if compute_dtype is not None and compute_dtype not in CCE_DTYPES:
         raise ValueError(f"{caller}: loss_chunk='cce' needs a half compute dtype (cut-cross-entropy's backward "
                          f"takes fp16 and bf16 features), got {compute_dtype}; use policy mixed_bf16 or "
                          "mixed_fp16, or an integer loss_chunk.")

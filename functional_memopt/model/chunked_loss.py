@@ -128,9 +128,6 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             else:
                 del z
             del valid, t_safe, m, zt, total, nll
-        if direct and sink.fresh:  # no chunk ran (no tokens): its part is zero
-            sink.buffer.zero_()
-            sink.fresh = False
         count = tokw.sum()
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
@@ -202,11 +199,11 @@ def chunked_token_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         raise ValueError(f"chunked_token_loss: head_grad's buffer must have the weight's shape {tuple(weight.shape)}, "
                          f"got {tuple(head_grad.buffer.shape)}.")
     with_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or head_grad is not None)
-    if head_grad is not None and head_grad.fresh and not with_grad:  # nothing will be written into it
-        head_grad.buffer.zero_()
-        head_grad.fresh = False
     loss, count, _, _ = _ChunkedCrossEntropy.apply(x2, weight, tgt, tokw, chunk, with_grad,
                                                    head_grad if with_grad else None)
+    if head_grad is not None and head_grad.fresh:  # nothing was written (no tokens, or no gradient asked)
+        head_grad.buffer.zero_()
+        head_grad.fresh = False
     return loss, count
 
 
