@@ -7,10 +7,11 @@ For the tiny and small presets (mixed bf16, the default run's shapes) and GPT-2 
 of the floor's shape (8 x 1024 in 4 micro-batches: 2 x 1024 tokens), one process builds both steps
 on the same state and batch and times them alternately (user-mode CPU time per optimizer step, one
 thread, median of ``--repeats`` after a warm-up), so a busy machine slows both alike. Kernel time,
-mostly page faults of freshly mapped heap, is recorded apart (``sys``), as benchmarks/run.py does. The ratio chunked /
-plain is the cost (and the median of the per-round ratios, ``paired``); the chunk is the ledger's
-choice. GPT-2 at 2 x 128 is shown too, without a target: with 256 tokens the plain logits are small
-and the chunked loss's second pass over the head's gradient is the whole difference.
+mostly page faults of freshly mapped heap, is recorded apart (``sys``), as benchmarks/run.py does.
+The ratio chunked / plain is the cost (and the median of the per-round ratios, ``paired``); the
+chunk is the ledger's choice. GPT-2 at 2 x 128 is shown too, without a target: with 256 tokens
+the plain logits are small and the chunked loss's second pass over the head's gradient is the
+whole difference.
 On a CPU without bf16 instructions, bf16 matmuls are emulated and ten times slower than fp32:
 ``--policy fp32`` then measures the same loss in minutes instead of an hour.
 """

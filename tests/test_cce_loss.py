@@ -111,7 +111,8 @@ def test_a_step_through_the_package_matches_the_plain_step(monkeypatch):
 
 @pytest.mark.parametrize("x, w, t, match", [
     (torch.randn(1, 3, 4), torch.randn(5, 6), torch.zeros(1, 3, dtype=torch.long), "weight \\(V, C\\) with the same C"),
-    (torch.randn(1, 3, 4), torch.randn(5, 4), torch.zeros(1, 2, dtype=torch.long), "targets must have shape \\(1, 3\\)"),
+    (torch.randn(1, 3, 4), torch.randn(5, 4), torch.zeros(1, 2, dtype=torch.long),
+     "targets must have shape \\(1, 3\\)"),
     (torch.randn(1, 3, 4), torch.randn(5, 4).double(), torch.zeros(1, 3, dtype=torch.long), "share one dtype"),
 ])
 def test_inputs_of_the_wrong_shape_or_dtype_are_refused_naming_them(x, w, t, match):

@@ -258,9 +258,9 @@ def _floor(f: dict) -> str:
     return "\n".join(out)
 
 
-def _chunk_target(r: dict) -> str:
-    limit = r.get("target", 1.02 if r["preset"] == "gpt2" else 1.05)  # results before targets per row
-    return "-" if limit is None else f"<= {limit:.2f}"
+def _chunk_limit(r: dict) -> float | None:
+    """A chunked-loss row's target (None: shown without one); results written before rows carried it."""
+    return r.get("target", 1.02 if r["preset"] == "gpt2" else 1.05)
 
 
 def _chunked(c: dict) -> str:
@@ -270,16 +270,16 @@ def _chunked(c: dict) -> str:
         return "\n".join(out + [err + "\n"])
     out.append(f"`{c['command']}`: the same step with and without `loss_chunk` (the ledger's chunk), policy "
                f"{c['policy']}, interleaved in one process, user-mode CPU time per optimizer step, one thread, "
-               f"median of {c['repeats']}; `paired`: the median of the per-round ratios. Targets: at most 1.05 on tiny and "
-               "small, 1.02 at GPT-2's micro-batch of 8 x 1024 in 4 (2 x 1024); 2 x 128 is shown without one (256 "
-               "tokens: the plain logits are small, and the chunked loss's per-chunk pass over the head's gradient "
+               f"median of {c['repeats']}; `paired`: the median of the per-round ratios. Targets: at most 1.05 on "
+               "tiny and small, 1.02 at GPT-2's micro-batch of 8 x 1024 in 4 (2 x 1024); 2 x 128 is shown without "
+               "one (256 tokens: the plain logits are small, and the chunked loss's per-chunk pass over the head's gradient "
                "is the whole difference).\n")
     out.append(_table(["preset", "batch", "micro-batches", "remat", "chunk", "plain ms", "chunked ms", "ratio",
                        "paired", "target"],
                       [[r["preset"], f"{r['rows']}x{r['seq']}", r["accum"], r["remat"] or "-", r["chunk"],
                         _ms(r["plain_s"]), _ms(r["chunked_s"]), _x(r["ratio"]),
                         _x(r["paired_ratio"]) if "paired_ratio" in r else "-",
-                        _chunk_target(r)]
+                        "-" if _chunk_limit(r) is None else f"<= {_chunk_limit(r):.2f}"]
                        for r in c["results"]]))
     return "\n".join(out)
 
@@ -357,7 +357,7 @@ def targets(r: dict) -> list[list]:
                     "micro-batches, everything on: predicted / floor", all8["predicted"] / all8["floor"], "<= 1.10",
                     bool(all8["predicted"] / all8["floor"] <= 1.10)])
     for row in (r.get("chunked") or {}).get("results", []):
-        limit = row.get("target", 1.02 if row["preset"] == "gpt2" else 1.05)  # results before targets per row
+        limit = _chunk_limit(row)
         if limit is None:
             continue
         out.append(["chunked loss", f"{row['preset']} {row['rows']}x{row['seq']} chunk {row['chunk']}: chunked / "
