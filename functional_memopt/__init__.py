@@ -25,6 +25,7 @@ from .data.tokens import decode as decode  # byte ids to text
 from .data.tokens import encode as encode  # text to byte ids
 
 # model: config, parameters and the pure forward
+from .model.attention import attention_kernel as attention_kernel  # the attention kernel "auto" picks
 from .model.attention import causal_attention as causal_attention  # fused-QKV attention with masks
 from .model.config import PRESETS as PRESETS  # named model shapes (tiny, small, gpt2, ...)
 from .model.config import ModelConfig as ModelConfig  # a frozen, validated model shape
@@ -94,7 +95,7 @@ __all__ = [
     "train_val_split",
     "decode", "encode",
     # model
-    "causal_attention", "PRESETS", "ModelConfig", "get_config", "generate", "apply", "loss_fn", "init_params",
+    "attention_kernel", "causal_attention", "PRESETS", "ModelConfig", "get_config", "generate", "apply", "loss_fn", "init_params",
     "param_shapes", "remat",
     # optim
     "adamw", "decay_mask", "GradientTransformation", "apply_updates", "chain", "clip_by_global_norm",

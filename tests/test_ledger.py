@@ -1,3 +1,4 @@
+import dataclasses
 import gc
 import math
 
@@ -61,8 +62,11 @@ def _hooked_saved_bytes(cfg, batch_size, seq_len, dtype, remat):
         (fm.ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=8, n_embd=64, mlp_ratio=2), 5, 7),
     ],
 )
-def test_activation_formula_equals_the_bytes_autograd_saves(cfg, batch_size, seq_len, dtype, remat):
-    # Exact: every tensor loss_fn saves is in the formula and nothing else is.
+@pytest.mark.parametrize("attention", ["auto", "sdpa", "math"])
+def test_activation_formula_equals_the_bytes_autograd_saves(cfg, batch_size, seq_len, dtype, remat, attention):
+    # Exact: every tensor loss_fn saves is in the formula and nothing else is. "auto" is "math"
+    # in bfloat16 here (T <= 4 x head width on the CPU) and "sdpa" in float32.
+    cfg = dataclasses.replace(cfg, attention=attention)
     counted = _hooked_saved_bytes(cfg, batch_size, seq_len, dtype, remat)
     assert counted == saved_activation_bytes(cfg, batch_size, seq_len, compute_dtype=dtype, remat=remat)
 
@@ -227,3 +231,24 @@ def test_the_prediction_holds_where_the_tied_head_is_most_of_the_model(settings)
     measured = _tracked_peak(HEAD_HEAVY, 16, 64, settings)
     predicted = predict_memory(HEAD_HEAVY, batch_size=16, seq_len=64, **settings._asdict()).total
     assert abs(measured / predicted - 1) < 0.03, (measured, predicted)
+
+
+# Eight heads of width 8 at T = 64: the math kernel's (B, h, T, T) probabilities are 8C per token,
+# and a block's softmax backward, not the loss, decides the peak.
+ATTENTION_HEAVY = fm.ModelConfig(vocab_size=256, block_size=64, n_layer=2, n_head=8, n_embd=64, attention="math")
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        MemorySettings(policy="mixed_bf16", loss_chunk=32),
+        MemorySettings(loss_chunk=32),
+        MemorySettings(policy="mixed_bf16", remat="all", loss_chunk=32),
+        MemorySettings(remat=1, accum_steps=2, loss_chunk=32),
+    ],
+)
+def test_the_prediction_holds_where_the_math_kernels_scores_decide_the_peak(settings):
+    measured = _tracked_peak(ATTENTION_HEAVY, 16, 64, settings)
+    predicted = predict_memory(ATTENTION_HEAVY, batch_size=16, seq_len=64, **settings._asdict())
+    assert predicted.phase.startswith("block"), predicted.phase
+    assert abs(measured / predicted.total - 1) < 0.03, (measured, predicted.total)

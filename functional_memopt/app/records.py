@@ -13,7 +13,7 @@ import os
 import re
 from typing import Any
 
-from ..model.config import ACTIVATIONS, ModelConfig
+from ..model.config import ACTIVATIONS, ATTENTION_KERNELS, ModelConfig
 from .run import Resolved, TrainArgs, check_model_fits
 
 __all__ = ["parse_run_config", "parse_meta"]
@@ -78,7 +78,7 @@ _RESOLVED = {
     "compile": ("true or false", False, None, ""),
 }
 # Fields that later versions added: a run recorded before them takes their defaults.
-_ADDED = {"loss_chunk", "compile", "activation", "metrics_sha256"}
+_ADDED = {"loss_chunk", "compile", "activation", "attention", "metrics_sha256"}
 _MODEL = {
     **{k: (_INT, False, lambda v: v >= 1, ">= 1") for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd",
                                                             "mlp_ratio")},
@@ -86,6 +86,7 @@ _MODEL = {
     "layer_norm_eps": (_FLOAT, False, lambda v: v > 0, "> 0"),
     "init_std": (_FLOAT, False, lambda v: v > 0, "> 0"),
     "activation": (_STR, False, lambda v: v in ACTIVATIONS, " or ".join(ACTIVATIONS)),
+    "attention": (_STR, False, lambda v: v in ATTENTION_KERNELS, ", ".join(ATTENTION_KERNELS)),
 }
 _KIND_OK = {_INT: _is_int, _FLOAT: _is_num, _STR: lambda v: isinstance(v, str),
             _CHUNK: lambda v: _is_int(v) or v == "cce",

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..data.batch import rows_per_microbatch
+from ..model.attention import attention_kernel
 from ..model.cce_loss import CCE, CCE_DTYPES, cce_loss_bytes
 from ..model.chunked_loss import chunked_loss_bytes, liger_chunk
 from ..model.config import ModelConfig
@@ -90,15 +91,26 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def block_saved_bytes(cfg: ModelConfig, tokens: int, *, compute_bytes: int, stat_bytes: int) -> int:
+def _attention_bytes(cfg: ModelConfig, seq_len: int, compute_bytes: int, kernel: str) -> int:
+    """Per token, what the attention kernel saves besides q, k, v and its output: SDPA's float32
+    log-sum-exp per head, or the math kernel's (h, T) probabilities in the compute dtype."""
+    return cfg.n_head * seq_len * compute_bytes if kernel == "math" else 4 * cfg.n_head
+
+
+def block_saved_bytes(cfg: ModelConfig, tokens: int, *, compute_bytes: int, stat_bytes: int, seq_len: int = 0,
+                      kernel: str = "sdpa") -> int:
     """Bytes one transformer block saves for backward for ``tokens`` = B * T tokens.
+
+    ``kernel`` is the attention kernel that runs ("sdpa" or "math", see ``model/attention.py``);
+    the math kernel's saved probabilities grow with ``seq_len`` (T).
 
     Example:
         >>> block_saved_bytes(ModelConfig(n_embd=32, n_head=4), 10, compute_bytes=4, stat_bytes=4)
         20800
     """
     C, H = cfg.n_embd, cfg.mlp_ratio * cfg.n_embd
-    return tokens * ((8 * C + 2 * H) * compute_bytes + 4 * stat_bytes + 4 * cfg.n_head)
+    attention = _attention_bytes(cfg, seq_len, compute_bytes, kernel)
+    return tokens * ((8 * C + 2 * H) * compute_bytes + 4 * stat_bytes + attention)
 
 
 class _Saved(NamedTuple):
@@ -109,9 +121,9 @@ class _Saved(NamedTuple):
     log_softmax: int  # the cross-entropy's saved float32 log-probabilities
 
 
-def _saved(cfg, batch_size, seq_len, *, cb: int, sb: int, chosen) -> _Saved:
+def _saved(cfg, batch_size, seq_len, *, cb: int, sb: int, chosen, kernel: str) -> _Saved:
     N, C = batch_size * seq_len, cfg.n_embd
-    full = block_saved_bytes(cfg, N, compute_bytes=cb, stat_bytes=sb)
+    full = block_saved_bytes(cfg, N, compute_bytes=cb, stat_bytes=sb, seq_len=seq_len, kernel=kernel)
     kept = [N * C * cb if i in chosen else full for i in range(cfg.n_layer)]
     return _Saved(kept, full, N * (2 * C * cb + 2 * sb), N * 4 + seq_len * 8 + 4, N * cfg.vocab_size * max(cb, 4))
 
@@ -128,8 +140,9 @@ def saved_activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int, *,
         True
     """
     sb = 4 if device == "cuda" else _dtype_bytes(compute_dtype)
+    kernel = attention_kernel(cfg.attention, seq_len, cfg.head_dim, compute_dtype, device)
     sv = _saved(cfg, batch_size, seq_len, cb=_dtype_bytes(compute_dtype), sb=sb,
-                chosen=remat_layers(remat, cfg.n_layer))
+                chosen=remat_layers(remat, cfg.n_layer), kernel=kernel)
     return sum(sv.kept) + sv.head + sv.loss + sv.log_softmax
 
 
@@ -218,15 +231,25 @@ def predict_memory(cfg: ModelConfig, *, batch_size: int, seq_len: int, device: s
 
     b = batch_size // s.accum_steps
     N = b * seq_len
-    sv = _saved(cfg, b, seq_len, cb=cb, sb=4 if device == "cuda" else cb, chosen=chosen)
+    kernel = attention_kernel(cfg.attention, seq_len, cfg.head_dim, pol.compute_dtype, device)
+    sv = _saved(cfg, b, seq_len, cb=cb, sb=4 if device == "cuda" else cb, chosen=chosen, kernel=kernel)
     # A block's backward peaks at its MLP (the gelu gradients) or at its attention (the q, k, v
     # gradients, most of the block's weight gradients done). Under remat the recompute's vjp also
     # holds every recomputed tensor and the block's output until the block is finished.
-    attn_saved = N * (6 * C * cb + 2 * (4 if device == "cuda" else cb) + 4 * cfg.n_head)
+    attn_saved = N * (6 * C * cb + 2 * (4 if device == "cuda" else cb) + _attention_bytes(cfg, seq_len, cb, kernel))
     points = {  # remat? -> [(activation bytes, the block's own finished gradient elements)]
         True: [(sv.full + (2 * N * H + 2 * N * C) * cb, n_mlp_out), (sv.full + 7 * N * C * cb, n_blk - n_ln)],
         False: [(sv.full + (N * H + N * C) * cb, n_mlp_out), (attn_saved + 6 * N * C * cb, n_blk - n_ln)],
     }
+    if kernel == "math":
+        # Its softmax backward: beside the saved probabilities, their gradient and the scores'
+        # ((B, h, T, T) each); q, k and c_attn have no gradient yet. Measured (tests/test_ledger.py):
+        # without remat the attention output's gradient and v's stand where its copy was; under
+        # remat the vjp adds the block's output, its incoming gradient and those two, (N, C) each.
+        scores = 2 * N * cfg.n_head * seq_len * cb
+        n_qkv = math.prod(shapes["h.0.attn.c_attn.weight"]) + (3 * C if cfg.bias else 0)
+        points[True].append((sv.full + scores + 4 * N * C * cb, n_blk - n_ln - n_qkv))
+        points[False].append((attn_saved + scores, n_blk - n_ln - n_qkv))
     # The step's chunked head adds its gradient straight into the float32 (or wider) sum of wte in
     # the forward (a HeadGradSink), and the embeddings read the master tables.
     direct = isinstance(s.loss_chunk, int) and s.tied and pb >= 4

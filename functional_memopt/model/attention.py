@@ -1,8 +1,19 @@
-"""Causal self-attention with one fused QKV projection, and the masks it understands.
+"""Causal self-attention with one fused QKV projection, the masks it understands, and its kernel.
 
 The only mask built by default is none at all: with a purely causal pattern the SDPA kernel is
 called with ``is_causal=True`` so no (T, T) tensor exists and the flash / memory-efficient kernels
 can serve. Padding (key) masks and document (segment) masks add a boolean (B, 1, T, T) mask.
+
+Two kernels compute the same attention. ``"sdpa"`` is ``F.scaled_dot_product_attention`` (flash on
+CUDA and on the CPU): it keeps a float32 log-sum-exp per head and token, never the (T, T) scores.
+``"math"`` is two matmuls and a softmax: it saves the (B, h, T, T) probabilities in the compute
+dtype for the backward pass. On the CPU in bfloat16 the flash kernel's backward is slow at short
+sequences (``benchmarks/attention_kernels.py``: the math kernel takes 0.28x its forward-and-backward
+time at T = 128, head width 32, and 0.58x at T = 512; in float32 and float16 it is not faster), so
+``"auto"`` (ModelConfig's default) picks ``"math"`` there when T <= 4 x the head width: the saved
+probabilities (h * T per token) are then at most 4C per token, a quarter of what a block saves
+anyway (8C + 2H = 16C at the default MLP ratio), and a block's backward still peaks in its MLP.
+Everywhere else, ``"auto"`` is ``"sdpa"``.
 """
 
 from __future__ import annotations
@@ -11,7 +22,44 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-__all__ = ["causal_attention", "build_attention_mask", "positions_from_segments"]
+from .config import ATTENTION_KERNELS
+
+__all__ = ["causal_attention", "build_attention_mask", "positions_from_segments", "ATTENTION_KERNELS",
+           "attention_kernel"]
+
+MATH_MAX_SEQ_PER_HEAD_WIDTH = 4  # "auto" picks "math" (CPU, bfloat16) while T <= 4 x head width
+
+
+def attention_kernel(kernel: str, seq_len: int, head_dim: int, dtype: torch.dtype, device) -> str:
+    """The kernel ``kernel`` stands for: "sdpa" or "math" as given; "auto" by device, dtype and shape.
+
+    Example:
+        >>> attention_kernel("auto", 128, 32, torch.bfloat16, "cpu"), attention_kernel("auto", 128, 32, torch.float32, "cpu")
+        ('math', 'sdpa')
+    """
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention_kernel: kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}.")
+    if kernel != "auto":
+        return kernel
+    short = seq_len <= MATH_MAX_SEQ_PER_HEAD_WIDTH * head_dim
+    return "math" if torch.device(device).type == "cpu" and dtype == torch.bfloat16 and short else "sdpa"
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v; what autograd saves is listed in the module docstring.
+
+    The matmuls copy their strided q, k, v into contiguous ones and save those (the fused qkv
+    itself is then saved by no one, so this costs what SDPA's saved q, k, v cost); softmax and
+    the second matmul save the one probability tensor; the additive bias (0 or -inf), scaled
+    add and causal pattern save nothing.
+    """
+    T = q.shape[-2]
+    if mask is None:
+        bias = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+    else:
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    scores = torch.add(bias, torch.matmul(q, k.transpose(-1, -2)), alpha=q.shape[-1] ** -0.5)
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
 def build_attention_mask(
@@ -79,6 +127,7 @@ def causal_attention(
     n_head: int,
     *,
     mask: torch.Tensor | None = None,
+    kernel: str = "sdpa",
 ) -> torch.Tensor:
     """Multi-head causal self-attention with one fused QKV matmul.
 
@@ -88,6 +137,7 @@ def causal_attention(
         c_proj: {"weight": (C, C), "bias": (C,) optional}, the output projection.
         n_head: heads; C must be divisible by it.
         mask: None for plain causal attention, else a bool (B, 1, T, T) from build_attention_mask.
+        kernel: "sdpa", "math" or "auto" (see :func:`attention_kernel`); the same attention either way.
 
     Returns:
         (B, T, C) output.
@@ -95,7 +145,9 @@ def causal_attention(
     qkv = F.linear(x, c_attn["weight"], c_attn.get("bias"))  # (B, T, 3C)
     # One view, no copy: q, k, v are strided slices of the fused projection.
     q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=n_head)
-    if mask is None:
+    if attention_kernel(kernel, q.shape[-2], q.shape[-1], q.dtype, q.device) == "math":
+        y = _math_attention(q, k, v, mask)
+    elif mask is None:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["ModelConfig", "PRESETS", "get_config", "ACTIVATIONS"]
+__all__ = ["ModelConfig", "PRESETS", "get_config", "ACTIVATIONS", "ATTENTION_KERNELS"]
 
 ACTIVATIONS = ("gelu_tanh", "gelu")  # the tanh-approximated GELU (GPT-2's) and the exact, erf GELU
+ATTENTION_KERNELS = ("auto", "sdpa", "math")  # how attention is computed (model/attention.py); same math
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class ModelConfig:
     init_std: float = 0.02  # N(0, init_std) for weights; residual projections get /sqrt(2 n_layer)
     mlp_ratio: int = 4  # hidden width of the MLP is mlp_ratio * n_embd
     activation: str = "gelu_tanh"  # the MLP's GELU: "gelu_tanh" (GPT-2's) or "gelu" (erf; about half the CPU time)
+    attention: str = "auto"  # the attention kernel: "sdpa", "math", or "auto" (by device, dtype, T)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
@@ -51,6 +53,9 @@ class ModelConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"ModelConfig: activation must be one of {ACTIVATIONS}, got {self.activation!r}; "
                              "pass activation='gelu_tanh' (GPT-2's) or 'gelu'.")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"ModelConfig: attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}; "
+                             "pass attention='auto' (the faster kernel for the device and shape), 'sdpa' or 'math'.")
         if not (self.init_std > 0):
             raise ValueError(f"ModelConfig: init_std must be > 0, got {self.init_std!r}.")
 

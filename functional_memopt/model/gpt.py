@@ -67,7 +67,8 @@ def block_apply(block: dict, x: torch.Tensor, *, cfg: ModelConfig, mask: torch.T
     """One pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
     eps = cfg.layer_norm_eps
     a = block["attn"]
-    x = x + causal_attention(_layer_norm(x, block["ln_1"], eps), a["c_attn"], a["c_proj"], cfg.n_head, mask=mask)
+    x = x + causal_attention(_layer_norm(x, block["ln_1"], eps), a["c_attn"], a["c_proj"], cfg.n_head, mask=mask,
+                             kernel=cfg.attention)
     return x + _mlp(_layer_norm(x, block["ln_2"], eps), block["mlp"], cfg.activation)
 
 
