@@ -53,9 +53,10 @@ def _is_float(x: torch.Tensor) -> bool:
 def tree_cast(tree: PyTree, dtype: torch.dtype | None) -> PyTree:
     """Floating-point leaves cast to ``dtype``; integer and bool leaves untouched.
 
-    A leaf already of ``dtype`` is returned as is (no copy), as ``Tensor.to`` does.
+    A leaf already of ``dtype`` is returned as is (no copy), as ``Tensor.to`` does, and a tree
+    with nothing to cast is returned itself (no new containers: the step casts every step).
     """
-    if dtype is None:
+    if dtype is None or all(x.dtype == dtype for x in optree.tree_leaves(tree) if _is_float(x)):
         return tree
     return optree.tree_map(lambda x: x.to(dtype) if _is_float(x) else x, tree)
 

@@ -70,3 +70,17 @@ def test_from_paths_inverts_flatten_with_paths_for_params():
 
     params = fm.init_params(fm.ModelConfig(n_layer=2, n_embd=8, n_head=2, bias=False), seed=3)
     testing.assert_trees_equal(fmtree.tree_from_paths(fmtree.tree_flatten_with_paths(params)), params)
+
+
+def test_a_cast_with_nothing_to_cast_returns_the_tree_itself_and_otherwise_casts_only_what_differs():
+    from functional_memopt.train.loss_scale import NoOpLossScale
+
+    tree = {"a": torch.ones(2), "b": [torch.zeros(3), torch.arange(3)]}
+    assert fmtree.tree_cast(tree, torch.float32) is tree  # the step casts every step: no new containers
+    assert NoOpLossScale().unscale(tree) is tree
+    mixed = {"a": torch.ones(2), "b": [torch.zeros(3, dtype=torch.bfloat16), torch.arange(3)]}
+    out = fmtree.tree_cast(mixed, torch.float32)
+    assert out is not mixed and out["b"][0].dtype == torch.float32
+    assert out["a"] is mixed["a"] and out["b"][1] is mixed["b"][1]  # leaves already right are not copied
+    widened = NoOpLossScale().unscale(mixed)
+    assert widened is not mixed and widened["b"][0].dtype == torch.float32 and widened["a"] is mixed["a"]
