@@ -56,7 +56,8 @@ def tree_cast(tree: PyTree, dtype: torch.dtype | None) -> PyTree:
     A leaf already of ``dtype`` is returned as is (no copy), as ``Tensor.to`` does, and a tree
     with nothing to cast is returned itself (no new containers: the step casts every step).
     """
-    if dtype is None or all(x.dtype == dtype for x in optree.tree_leaves(tree) if _is_float(x)):
+    if dtype is None or (not torch.compiler.is_compiling()  # dynamo cannot trace tree_leaves of a dict
+                         and all(x.dtype == dtype for x in optree.tree_leaves(tree) if _is_float(x))):
         return tree
     return optree.tree_map(lambda x: x.to(dtype) if _is_float(x) else x, tree)
 

@@ -111,7 +111,10 @@ def findings(r: dict) -> str:
                                         f"{v.get('reference', float('nan')):.3f}" for (p, q), v in pairs.items())
                    + ". Where the reference pays about as much, the cost comes from the smaller micro-batch (less "
                    "work per kernel call, one optimizer-free pass of Python per micro-batch), not from the fold; "
-                   "the 2-micro-batch rows are the closer to compute-bound comparison.\n")
+                   "the 2-micro-batch rows are the closer to compute-bound comparison. Each side is priced against "
+                   "its own accumulation-1 step: where the functional one is the faster (bf16 on the CPU, the math "
+                   "attention kernel), the same work per micro-batch is a larger ratio; section 1 sets the two "
+                   "accumulation-8 steps side by side.\n")
     ls_rows = _cost_rows(sp, "dynamic loss scale")
     if ls_rows:
         out.append("\n**Loss scaling.** " + ", ".join(f"{c['preset']} {c['precision']}: {c['ratio']:.3f}x"
@@ -129,7 +132,10 @@ def findings(r: dict) -> str:
     if runs:
         out.append("\n**Compile.** Compiled functional / compiled reference: " + "; ".join(
             f"{x['preset']} {x['precision']}: {x['ratios']['func compiled / ref compiled model']['ratio']:.3f}"
-            for x in runs) + ". Both compile the same model math and keep a fused or foreach AdamW eager, and on "
-            "the CPU the steps are bound by the matmuls and attention, which inductor leaves as ATen calls: "
-            "the two can differ by no more than the rest of the step.\n")
+            for x in runs) + ". In float32 both compile the same model math and keep a fused or foreach AdamW "
+            "eager, and on the CPU the steps are bound by the matmuls and SDPA, which inductor leaves as ATen calls: "
+            "the two can differ by no more than the rest of the step. In bfloat16 on the CPU the functional "
+            "step's attention is the math kernel (`ModelConfig.attention='auto'`: SDPA's flash backward is slow "
+            "there at short sequences, `benchmarks/attention_kernels.py`), whose scale, bias and softmax "
+            "inductor fuses; the reference keeps SDPA, as nanoGPT does.\n")
     return "\n".join(out)

@@ -52,7 +52,8 @@ def _scale_tree(tree: PyTree, factor, *, donate: bool = False) -> PyTree:
 
 def _cast_tree(tree: PyTree) -> PyTree:
     wide = (torch.float32, torch.float64)
-    if all(x.dtype in wide for x in optree.tree_leaves(tree) if isinstance(x, torch.Tensor) and x.is_floating_point()):
+    floats = [] if torch.compiler.is_compiling() else optree.tree_leaves(tree)  # see _tree.tree_cast
+    if floats and all(x.dtype in wide for x in floats if isinstance(x, torch.Tensor) and x.is_floating_point()):
         return tree  # nothing to widen: the tree itself, as NoOpLossScale.unscale is called every step
     return tree_map(
         lambda x: _at_least_fp32(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, tree
