@@ -198,8 +198,8 @@ def resolve_args(args: TrainArgs, device: torch.device, world_size: int = 1):
                          f"{args.loss_chunk!r}.")
     if args.compile not in ("auto", "on", "off"):
         raise ValueError(f"train: --compile must be auto, on or off, got {args.compile!r}.")
-    # On the CPU compiling the tiny step takes about as long as it saves over a default run
-    # (benchmarks/compile_loss_bench.py), so auto compiles on CUDA only (not around cce's kernels).
+    # On the CPU a default run does not pay its compile back (ARCHITECTURE.md, "Compiling the step":
+    # measured with --compile on and off), so auto compiles on CUDA only (not around cce's kernels).
     compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda" and loss_chunk != CCE)
     if loss_chunk == CCE:
         if device.type != "cuda":
