@@ -8,12 +8,12 @@ Two kernels compute the same attention. ``"sdpa"`` is ``F.scaled_dot_product_att
 CUDA and on the CPU): it keeps a float32 log-sum-exp per head and token, never the (T, T) scores.
 ``"math"`` is two matmuls and a softmax: it saves the (B, h, T, T) probabilities in the compute
 dtype for the backward pass. On the CPU in bfloat16 the flash kernel's backward is slow at short
-sequences (``benchmarks/attention_kernels.py``: the math kernel takes 0.28x its forward-and-backward
-time at T = 128, head width 32, and 0.58x at T = 512; in float32 and float16 it is not faster), so
-``"auto"`` (ModelConfig's default) picks ``"math"`` there when T <= 4 x the head width: the saved
-probabilities (h * T per token) are then at most 4C per token, a quarter of what a block saves
-anyway (8C + 2H = 16C at the default MLP ratio), and a block's backward still peaks in its MLP.
-Everywhere else, ``"auto"`` is ``"sdpa"``.
+sequences (``benchmarks/attention_kernels.py``: with the projections, the math kernel's forward and
+backward take 0.47x SDPA's at T = 128, head width 32, and 0.63x at T = 512; in float32 and float16
+it is not faster), so ``"auto"`` (ModelConfig's default) picks ``"math"`` there when T <= 4 x the
+head width: the saved probabilities (h * T per token) are then at most 4C per token, a quarter of
+what a block saves anyway (8C + 2H = 16C at the default MLP ratio). Everywhere else, ``"auto"`` is
+``"sdpa"``. The memory ledger counts the kernel that runs (``memory/ledger.py``).
 """
 
 from __future__ import annotations
