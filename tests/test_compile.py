@@ -51,11 +51,12 @@ def _leaves(tree):
     return [x for x in optree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
 
-def test_five_steps_with_a_changing_loss_scale_and_a_skipped_step_compile_once():
+@pytest.mark.parametrize("policy", ["fp32", "mixed_bf16"])  # mixed_bf16: the math attention kernel on the CPU
+def test_five_steps_with_a_changing_loss_scale_and_a_skipped_step_compile_once(policy):
     opt = adamw(fm.warmup_cosine(LR, 2, 10), weight_decay=0.01)
     counter = CompileCounterWithBackend("aot_eager")
-    step = make_train_step(CFG, opt, accum_steps=4, max_grad_norm=1.0, compile={"backend": counter})
-    state = _state("fp32", opt, growth_interval=1)  # the scale doubles after every finite step
+    step = make_train_step(CFG, opt, policy=policy, accum_steps=4, max_grad_norm=1.0, compile={"backend": counter})
+    state = _state(policy, opt, growth_interval=1)  # the scale doubles after every finite step
     scales, skipped = [], []
     with torch._dynamo.config.patch(error_on_recompile=True):  # any recompile raises
         for i in range(5):
