@@ -95,8 +95,8 @@ __all__ = [
     "train_val_split",
     "decode", "encode",
     # model
-    "attention_kernel", "causal_attention", "PRESETS", "ModelConfig", "get_config", "generate", "apply", "loss_fn", "init_params",
-    "param_shapes", "remat",
+    "attention_kernel", "causal_attention", "PRESETS", "ModelConfig", "get_config", "generate", "apply", "loss_fn",
+    "init_params", "param_shapes", "remat",
     # optim
     "adamw", "decay_mask", "GradientTransformation", "apply_updates", "chain", "clip_by_global_norm",
     "linear_warmup", "warmup_cosine", "sgd",

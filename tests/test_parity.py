@@ -12,10 +12,11 @@ Tolerances, in units of epsilon (see testing/tolerances.py for the factors):
 
 - Where both runs do the same arithmetic on the same values (every fp32 step; the first step in
   autocast mode, where both lower the same ops, when the model's attention is SDPA as the
-  recipe's is: ``attention="auto"`` takes the math kernel for short bf16 rows on the CPU), they differ only in the order of float32 sums:
-  the loss by at most (n - 1) eps32 for n tokens (the worst case of summing n positive terms in
-  two orders), the gradient norm by the same bound over its numel squares, and the gradients by
-  2 * GRAD_TOLERANCE_FACTOR * eps32 (each within the factor of the exact gradient).
+  recipe's is: ``attention="auto"`` takes the math kernel for short bf16 rows on the CPU), they
+  differ only in the order of float32 sums: the loss by at most (n - 1) eps32 for n tokens (the
+  worst case of summing n positive terms in two orders), the gradient norm by the same bound over
+  its numel squares, and the gradients by 2 * GRAD_TOLERANCE_FACTOR * eps32 (each within the
+  factor of the exact gradient).
 - Otherwise (cast mode lowers every op, not autocast's list; later autocast steps start from
   params that differ in the last float32 bit, which can round to another half-precision value),
   each run is within GRAD_TOLERANCE_FACTOR (LOSS_TOLERANCE_FACTOR) epsilons of the compute dtype

@@ -34,8 +34,8 @@ def attention_kernel(kernel: str, seq_len: int, head_dim: int, dtype: torch.dtyp
     """The kernel ``kernel`` stands for: "sdpa" or "math" as given; "auto" by device, dtype and shape.
 
     Example:
-        >>> attention_kernel("auto", 128, 32, torch.bfloat16, "cpu"), attention_kernel("auto", 128, 32, torch.float32, "cpu")
-        ('math', 'sdpa')
+        >>> [attention_kernel("auto", 128, 32, dtype, "cpu") for dtype in (torch.bfloat16, torch.float32)]
+        ['math', 'sdpa']
     """
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"attention_kernel: kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}.")
