@@ -261,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             kept = json.load(f)
         results.update({k: v for k, v in kept.items() if k in sections and k not in only})
         results["meta"]["kept_from_previous_run"] = sorted(k for k in sections if k not in only and k in kept)
-        old = kept.get("meta", {})
-        results["meta"]["previous"] = old.get("previous") or {k: old.get(k) for k in ("command", "date", "elapsed_s")}
+        results["meta"]["section_runs"] = report.kept_section_runs(kept.get("meta", {}),
+                                                                   results["meta"]["kept_from_previous_run"])
     for name in order:
         if only and name not in only:
             continue

@@ -106,3 +106,23 @@ def test_the_report_opens_with_the_targets_met_and_lists_each_missed_row(smoke_r
     first = markdown.split("\n## ")[1]
     assert first.startswith(f"Targets: {met} of {total} met"), first[:80]
     assert first.count("\n- ") == total - met
+
+
+def test_only_reruns_some_sections_and_the_report_names_the_run_each_kept_section_came_from(smoke_results,
+                                                                                           tmp_path):
+    # Two --only runs in a row: the sections kept twice still name the first run, the one the
+    # second run measured names it (neither is attributed to the latest run that merely kept it).
+    results, _ = smoke_results
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for only in ("speed", "gpu"):
+        proc = subprocess.run([sys.executable, RUN, "--smoke", "--only", only, "--out", str(tmp_path)],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    first, speed_run = results["meta"]["command"], meta["section_runs"]["speed"]["command"]
+    assert "--only speed" in speed_run and "--only" not in first
+    assert {k: v["command"] for k, v in meta["section_runs"].items() if k != "speed"} == {
+        k: first for k in meta["kept_from_previous_run"] if k != "speed"}
+    header = (tmp_path / "RESULTS.md").read_text().split("## Targets")[0]
+    assert f"speed (`{speed_run}`" in header and f"(`{first}`" in header

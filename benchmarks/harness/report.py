@@ -72,10 +72,27 @@ def _meta(m: dict, mode: str) -> str:
             ["load average at start", ", ".join(f"{v:.1f}" for v in m.get("load_average_at_start", []))],
             ["run time", f"{m.get('elapsed_s', 0):.0f} s"]]
     if m.get("kept_from_previous_run"):
-        prev = m.get("previous") or {}
-        rows.append(["sections kept from an earlier run", ", ".join(m["kept_from_previous_run"])
-                     + (f" (`{prev['command']}`, {prev['date']}, {prev.get('elapsed_s', 0):.0f} s)" if prev else "")])
+        runs: dict = {}  # the earlier run -> the sections kept from it
+        for name in m["kept_from_previous_run"]:
+            run = (m.get("section_runs") or {}).get(name) or m.get("previous") or {}
+            key = (run.get("command"), run.get("date"), run.get("elapsed_s"))
+            runs.setdefault(key, []).append(name)
+        rows.append(["sections kept from earlier runs", "; ".join(
+            ", ".join(names) + (f" (`{cmd}`, {date}, {elapsed or 0:.0f} s)" if cmd else "")
+            for (cmd, date, elapsed), names in runs.items())])
     return _table(["", ""], rows)
+
+
+def kept_section_runs(old_meta: dict, kept: list) -> dict:
+    """For each section kept from ``old_meta``'s file, the run that measured it: {command, date, elapsed_s}.
+
+    A section the old file itself kept carries its own record (``section_runs``); in a file from
+    before those records, its ``previous``; every other section came from the run that wrote it.
+    """
+    this = {k: old_meta.get(k) for k in ("command", "date", "elapsed_s")}
+    own = old_meta.get("section_runs") or {}
+    earlier = old_meta.get("kept_from_previous_run", [])
+    return {k: own.get(k) or ((old_meta.get("previous") or this) if k in earlier else this) for k in kept}
 
 
 def _speed(sp: dict) -> str:
