@@ -50,14 +50,22 @@ def _is_float(x: torch.Tensor) -> bool:
 
 
 
+def floats_already(tree: PyTree, ok: Callable[[torch.Tensor], bool]) -> bool:
+    """Whether every floating leaf satisfies ``ok``, so that a cast of the tree would change nothing.
+
+    False while dynamo traces (it cannot trace ``optree.tree_leaves`` of the policy's
+    ``(args, kwargs)``): there the cast runs, and casts nothing.
+    """
+    return not torch.compiler.is_compiling() and all(ok(x) for x in optree.tree_leaves(tree) if _is_float(x))
+
+
 def tree_cast(tree: PyTree, dtype: torch.dtype | None) -> PyTree:
     """Floating-point leaves cast to ``dtype``; integer and bool leaves untouched.
 
     A leaf already of ``dtype`` is returned as is (no copy), as ``Tensor.to`` does, and a tree
     with nothing to cast is returned itself (no new containers: the step casts every step).
     """
-    if dtype is None or (not torch.compiler.is_compiling()  # dynamo cannot trace tree_leaves of a dict
-                         and all(x.dtype == dtype for x in optree.tree_leaves(tree) if _is_float(x))):
+    if dtype is None or floats_already(tree, lambda x: x.dtype == dtype):
         return tree
     return optree.tree_map(lambda x: x.to(dtype) if _is_float(x) else x, tree)
 

@@ -24,8 +24,7 @@ from einops import rearrange
 
 from .config import ATTENTION_KERNELS
 
-__all__ = ["causal_attention", "build_attention_mask", "positions_from_segments", "ATTENTION_KERNELS",
-           "attention_kernel"]
+__all__ = ["causal_attention", "build_attention_mask", "positions_from_segments", "attention_kernel"]
 
 MATH_MAX_SEQ_PER_HEAD_WIDTH = 4  # "auto" picks "math" (CPU, bfloat16) while T <= 4 x head width
 

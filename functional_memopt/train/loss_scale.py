@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Union
 import optree
 import torch
 
-from .._tree import tree_map
+from .._tree import floats_already, tree_map
 
 __all__ = [
     "NoOpLossScale",
@@ -51,9 +51,7 @@ def _scale_tree(tree: PyTree, factor, *, donate: bool = False) -> PyTree:
 
 
 def _cast_tree(tree: PyTree) -> PyTree:
-    wide = (torch.float32, torch.float64)
-    floats = [] if torch.compiler.is_compiling() else optree.tree_leaves(tree)  # see _tree.tree_cast
-    if floats and all(x.dtype in wide for x in floats if isinstance(x, torch.Tensor) and x.is_floating_point()):
+    if floats_already(tree, lambda x: x.dtype in (torch.float32, torch.float64)):
         return tree  # nothing to widen: the tree itself, as NoOpLossScale.unscale is called every step
     return tree_map(
         lambda x: _at_least_fp32(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, tree
