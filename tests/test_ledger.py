@@ -253,3 +253,14 @@ def test_the_prediction_holds_where_the_math_kernels_scores_decide_the_peak(sett
     predicted = predict_memory(ATTENTION_HEAVY, batch_size=16, seq_len=64, **settings._asdict())
     assert predicted.phase.startswith("block"), predicted.phase
     assert abs(measured / predicted.total - 1) < 0.03, (measured, predicted.total)
+
+
+def test_block_saved_bytes_needs_t_for_the_math_kernel_and_knows_only_the_two_kernels():
+    N, C, h, T = 4 * 32, SMALL.n_embd, SMALL.n_head, 32
+    sdpa = block_saved_bytes(SMALL, N, compute_bytes=2, stat_bytes=2)
+    assert block_saved_bytes(SMALL, N, compute_bytes=2, stat_bytes=2, seq_len=T, kernel="math") == sdpa + N * (
+        h * T * 2 - 4 * h)
+    with pytest.raises(ValueError, match="seq_len >= 1"):
+        block_saved_bytes(SMALL, N, compute_bytes=2, stat_bytes=2, kernel="math")
+    with pytest.raises(ValueError, match="kernel must be 'sdpa' or 'math'"):
+        block_saved_bytes(SMALL, N, compute_bytes=2, stat_bytes=2, seq_len=T, kernel="auto")

@@ -108,6 +108,9 @@ def block_saved_bytes(cfg: ModelConfig, tokens: int, *, compute_bytes: int, stat
         >>> block_saved_bytes(ModelConfig(n_embd=32, n_head=4), 10, compute_bytes=4, stat_bytes=4)
         20800
     """
+    if kernel not in ("sdpa", "math") or (kernel == "math" and seq_len < 1):
+        raise ValueError(f"block_saved_bytes: kernel must be 'sdpa' or 'math' (with seq_len >= 1, the T its saved "
+                         f"probabilities grow with), got kernel={kernel!r}, seq_len={seq_len!r}.")
     C, H = cfg.n_embd, cfg.mlp_ratio * cfg.n_embd
     attention = _attention_bytes(cfg, seq_len, compute_bytes, kernel)
     return tokens * ((8 * C + 2 * H) * compute_bytes + 4 * stat_bytes + attention)
