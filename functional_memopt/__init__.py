@@ -43,6 +43,7 @@ from .optim.adamw import decay_mask as decay_mask  # weight decay on matrices, n
 from .optim.base import GradientTransformation as GradientTransformation  # (init, update) pair
 from .optim.base import apply_updates as apply_updates  # params + updates
 from .optim.base import chain as chain  # transformations one after the other
+from .optim.base import update_and_apply as update_and_apply  # step the params (fused where it can)
 from .optim.clip import clip_by_global_norm as clip_by_global_norm  # clip_grad_norm_ as a transformation
 from .optim.schedules import linear_warmup as linear_warmup  # linear ramp, then constant
 from .optim.schedules import warmup_cosine as warmup_cosine  # warmup then cosine (nanoGPT's recipe)
@@ -98,7 +99,7 @@ __all__ = [
     "attention_kernel", "causal_attention", "PRESETS", "ModelConfig", "get_config", "generate", "apply", "loss_fn",
     "init_params", "param_shapes", "remat",
     # optim
-    "adamw", "decay_mask", "GradientTransformation", "apply_updates", "chain", "clip_by_global_norm",
+    "adamw", "decay_mask", "GradientTransformation", "apply_updates", "update_and_apply", "chain", "clip_by_global_norm",
     "linear_warmup", "warmup_cosine", "sgd",
     # train
     "accumulate_gradients", "value_and_grad", "dynamic_loss_scale", "no_op_loss_scale", "static_loss_scale",

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 import functional_memopt as fm
 from functional_memopt import _tree as fmtree
-from functional_memopt import GradientTransformation, adamw, apply_updates, chain, clip_by_global_norm, decay_mask, sgd
+from functional_memopt import (GradientTransformation, adamw, apply_updates, chain, clip_by_global_norm, decay_mask, sgd,
+                               update_and_apply)
 from functional_memopt.optim.adamw import ScaleByAdamState
 from functional_memopt.optim.base import EmptyState
 from functional_memopt.optim.sgd import SgdState
@@ -319,6 +320,87 @@ def test_donated_updates_are_bit_identical_and_out_of_place_updates_touch_no_inp
         assert all(a is b for a, b in zip(optree.tree_leaves(d_new_params), optree.tree_leaves(d_params)))
         assert all(a is b for a, b in zip(optree.tree_leaves(d_state_next), optree.tree_leaves(d_state)))
         params, state, d_params, d_state = new_params, state_next, d_new_params, d_state_next
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("masked", [False, True], ids=["all-decay", "masked"])
+def test_update_and_apply_steps_exactly_as_torch_fused_adamw_even_where_values_cross_zero(masked, donate):
+    # Params near zero, which steps of 1e-2 move by more than a factor of two: there ``update`` then
+    # ``apply_updates`` round once more than torch, and the fused kernel stepping the params does not.
+    params = optree.tree_map(lambda x: x * 1e-3, make_params(13))
+    flags = optree.tree_map(lambda x: x.dim() >= 2, params) if masked else None
+    opt = adamw(1e-2, weight_decay=0.1, mask=flags)
+    ours, state = _clone(params), opt.init(params)
+    for i in range(20):
+        ours, state = update_and_apply(opt, random_grads(params, i), state, ours, donate=donate)
+
+    def make(leaves):
+        keep = optree.tree_leaves(flags) if masked else [True] * len(leaves)
+        groups = [{"params": [p for p, k in zip(leaves, keep) if k], "weight_decay": 0.1},
+                  {"params": [p for p, k in zip(leaves, keep) if not k], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=1e-2, fused=True)
+
+    ref, torch_opt, leaves = run_torch(make, params, steps=20)
+    spec = optree.tree_structure(params)
+    assert_trees_equal(ours, ref)
+    assert_trees_equal(state.mu, optree.tree_unflatten(spec, [torch_opt.state[p]["exp_avg"] for p in leaves]))
+    assert_trees_equal(state.nu, optree.tree_unflatten(spec, [torch_opt.state[p]["exp_avg_sq"] for p in leaves]))
+
+
+def _within_one_rounding(a, b, params):
+    """|a - b| <= eps * (|params| + |a|) leaf by leaf: the update route rounds ``new - params`` and
+    ``params + update`` once more than a step of the params themselves."""
+    for x, y, p in zip(optree.tree_leaves(a), optree.tree_leaves(b), optree.tree_leaves(params)):
+        bound = torch.finfo(x.dtype).eps * (p.abs() + x.abs())
+        assert bool(((x - y).abs() <= bound).all()), ((x - y).abs().max(), bound.min())
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_update_and_apply_is_apply_updates_of_update_within_one_rounding_and_pure_unless_donated(name, layout):
+    opt = TRANSFORMS[name]()
+    make_grads = random_grads if layout == "contiguous" else strided_grads
+    params = make_params(11)
+    state = opt.init(params)
+    for i in range(4):
+        grads = make_grads(params, i)
+        kept = copy.deepcopy((grads, state, params))
+        new_params, new_state = update_and_apply(opt, grads, state, params)
+        assert_trees_equal((grads, state, params), kept, msg="an out-of-place call mutated its inputs: ")
+        updates, by_update = opt.update(grads, state, params)
+        if opt.apply is None:  # no fused route: update_and_apply is that pair
+            assert_trees_equal(new_params, apply_updates(params, updates))
+        else:
+            _within_one_rounding(new_params, apply_updates(params, updates), params)
+        assert_trees_equal(new_state, by_update)
+
+        d_params, d_state = _clone(params), _clone(state)
+        d_new_params, d_new_state = update_and_apply(opt, _clone(grads), d_state, d_params, donate=True)
+        assert_trees_equal((d_new_params, d_new_state), (new_params, new_state))
+        assert all(a is b for a, b in zip(optree.tree_leaves(d_new_params), optree.tree_leaves(d_params)))
+        assert all(a is b for a, b in zip(optree.tree_leaves(d_new_state), optree.tree_leaves(d_state)))
+        params, state = new_params, new_state
+
+
+def test_a_chain_applies_through_its_last_transform_only_when_that_one_can():
+    params = make_params(7)
+    clip, opt = clip_by_global_norm(0.5), adamw(1e-2)
+    chained = chain(clip, opt)
+    assert chained.apply is not None and chain(adamw(1e-2), clip).apply is None and chain(sgd(0.1)).apply is None
+    state = chained.init(params)
+    s_clip, s_opt = clip.init(params), opt.init(params)
+    for i in range(3):
+        grads = random_grads(params, i)
+        new_params, state = update_and_apply(chained, grads, state, params)
+        by_hand, s_clip = clip.update(grads, s_clip, params)
+        by_hand, s_opt = opt.apply(by_hand, s_opt, params)
+        assert_trees_equal(new_params, by_hand)
+        assert_trees_equal(state, (s_clip, s_opt))
+        params = new_params
+    with pytest.raises(ValueError, match="chain: state has 1 entries for 2 transforms"):
+        chained.apply(random_grads(params, 0), (s_clip,), params)
+    with pytest.raises(ValueError, match="adamw: apply steps the params"):
+        opt.apply(random_grads(params, 0), s_opt, None)
 
 
 def test_apply_updates_keeps_the_params_dtype_in_both_modes():

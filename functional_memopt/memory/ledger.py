@@ -225,11 +225,11 @@ def predict_memory(cfg: ModelConfig, *, batch_size: int, seq_len: int, device: s
     optimizer = 2 * (shard(n_params) if s.zero_stage >= 1 else n_params) * pb
     accumulator = n_params * 4 if s.accum_steps > 1 else 0
     n_upd = shard(n_params) if s.zero_stage >= 1 else n_params
-    # Out of place: new mu and nu, the update, and the fused kernel's working copy of the params
-    # (measured: examples/memory_ablation.py matches to 0.1%); donated: the kernel steps one leaf
-    # at a time and writes the update over the gradient, so one leaf's buffer.
-    largest = max(math.prod(v) for v in shapes.values())
-    update = min(largest, n_upd) * pb if s.donate else n_upd * pb * 4
+    # AdamW's fused kernel steps the params itself (``update_and_apply``). Out of place it steps a
+    # copy of them and of mu and nu: three new trees; donated, it writes into params and moments,
+    # so nothing new (tests/test_ledger.py measures both where the update decides the peak). Under
+    # ZeRO with more than one rank, the params' all-gather after the update is not counted.
+    update = 0 if s.donate else n_upd * pb * 3
     batch = batch_size * seq_len * (8 + 8 + 4)
 
     b = batch_size // s.accum_steps

@@ -65,7 +65,9 @@ def adamw(learning_rate: LearningRate, *, b1: float = 0.9, b2: float = 0.999, ep
             (e.g. :func:`decay_mask`); None decays every leaf, as torch does.
 
     Returns:
-        A GradientTransformation with :class:`ScaleByAdamState`.
+        A GradientTransformation with :class:`ScaleByAdamState`. Its ``apply`` (which
+        :func:`update_and_apply` and the train step use) steps the params in the same kernel
+        pass: with the fused route, exactly ``torch.optim.AdamW(fused=True)``'s step.
 
     Example:
         >>> from functional_memopt import apply_updates
@@ -97,19 +99,27 @@ def adamw(learning_rate: LearningRate, *, b1: float = 0.9, b2: float = 0.999, ep
         zeros = lambda: optree.tree_map(torch.zeros_like, params)  # noqa: E731
         return ScaleByAdamState(_zero_count(params), zeros(), zeros())
 
-    def update(updates, state, params=None, *, donate=False):
-        g, spec = optree.tree_flatten(updates)
+    def run(grads, state, params, donate, apply):
+        g, spec = optree.tree_flatten(grads)
         mu = _flatten_like(fn, state.mu, spec, "state.mu")
         nu = _flatten_like(fn, state.nu, spec, "state.nu")
         idx = decayed(params, spec)
-        p = _flatten_like(fn, params, spec, "params") if idx else None
+        p = _flatten_like(fn, params, spec, "params") if idx or apply else None
         lr = _lr_at(learning_rate, state.count)
         count = _next_count(state.count, donate)
-        u, mu, nu = adamw_update(g, mu, nu, p, idx, count, lr, b1=b1, b2=b2, eps=eps,
-                                 weight_decay=weight_decay, donate=donate)
+        out, mu, nu = adamw_update(g, mu, nu, p, idx, count, lr, b1=b1, b2=b2, eps=eps,
+                                   weight_decay=weight_decay, donate=donate, apply=apply)
         unflat = lambda xs: optree.tree_unflatten(spec, xs)  # noqa: E731
-        return unflat(u), ScaleByAdamState(count, unflat(mu), unflat(nu))
+        return unflat(out), ScaleByAdamState(count, unflat(mu), unflat(nu))
 
-    return GradientTransformation(init, update)
+    def update(updates, state, params=None, *, donate=False):
+        return run(updates, state, params, donate, apply=False)
+
+    def apply(grads, state, params, *, donate=False):
+        if params is None:
+            raise ValueError("adamw: apply steps the params, so it needs them; call apply(grads, state, params).")
+        return run(grads, state, params, donate, apply=True)
+
+    return GradientTransformation(init, update, apply)
 
 

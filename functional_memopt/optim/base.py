@@ -24,7 +24,7 @@ from typing import Any, Callable, NamedTuple, Union
 import optree
 import torch
 
-__all__ = ["GradientTransformation", "EmptyState", "chain", "apply_updates"]
+__all__ = ["GradientTransformation", "EmptyState", "chain", "apply_updates", "update_and_apply"]
 
 PyTree = Any
 LearningRate = Union[float, Callable[[Any], Any]]
@@ -33,13 +33,20 @@ _POS = lambda v: math.isfinite(v) and v > 0  # noqa: E731
 
 
 class GradientTransformation(NamedTuple):
-    """A pair of pure functions: ``init(params) -> state`` and ``update`` below.
+    """A pair of pure functions, ``init(params) -> state`` and ``update``, and an optional ``apply``.
 
     ``update(updates, state, params=None, *, donate=False) -> (updates, new_state)``.
+
+    ``apply(grads, state, params, *, donate=False) -> (new_params, new_state)``, or None: the
+    update and :func:`apply_updates` in one pass, for an optimizer whose kernel steps the params
+    itself (AdamW's fused kernel). It must equal ``apply_updates(params, update(...))`` up to the
+    rounding of the update's own subtraction; :func:`update_and_apply` falls back to that pair
+    when it is None.
     """
 
     init: Callable[[PyTree], Any]
     update: Callable[..., tuple]
+    apply: Callable[..., tuple] | None = None
 
 
 class EmptyState(NamedTuple):
@@ -142,19 +149,37 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def init(params):
         return tuple(t.init(params) for t in transforms)
 
-    def update(updates, state, params=None, *, donate=False):
+    def check(state):
         if len(state) != len(transforms):
             raise ValueError(
                 f"chain: state has {len(state)} entries for {len(transforms)} transforms; "
                 "pass the state made by this chain's init(params)."
             )
+
+    def run(ts, updates, state, params, donate):
         new_state = []
-        for t, s in zip(transforms, state):
+        for t, s in zip(ts, state):
             updates, s = t.update(updates, s, params, donate=donate)
             new_state.append(s)
+        return updates, new_state
+
+    def update(updates, state, params=None, *, donate=False):
+        check(state)
+        updates, new_state = run(transforms, updates, state, params, donate)
         return updates, tuple(new_state)
 
-    return GradientTransformation(init, update)
+    last = transforms[-1].apply if transforms else None
+    if last is None:
+        return GradientTransformation(init, update)
+
+    def apply(grads, state, params, *, donate=False):
+        # The transforms before the last make updates; the last one steps the params.
+        check(state)
+        updates, new_state = run(transforms[:-1], grads, state[:-1], params, donate)
+        params, s = last(updates, state[-1], params, donate=donate)
+        return params, (*new_state, s)
+
+    return GradientTransformation(init, update, apply)
 
 
 def apply_updates(params: PyTree, updates: PyTree, *, donate: bool = False) -> PyTree:
@@ -181,3 +206,32 @@ def apply_updates(params: PyTree, updates: PyTree, *, donate: bool = False) -> P
     # An out-of-place sum computes in the promoted dtype; rounding it back equals the in-place add.
     out = [r if r.dtype == x.dtype else r.to(x.dtype) for r, x in zip(torch._foreach_add(p, u), p)]
     return optree.tree_unflatten(spec, out)
+
+
+def update_and_apply(optimizer: GradientTransformation, grads: PyTree, state: Any, params: PyTree, *,
+                     donate: bool = False) -> tuple:
+    """``(new_params, new_state)``: the optimizer's update applied to ``params``.
+
+    The optimizer's own ``apply`` where it has one (AdamW's fused kernel steps the params in the
+    same pass, with no update tree), else ``update`` then :func:`apply_updates`.
+
+    Args:
+        optimizer: a GradientTransformation.
+        grads: the gradients, a tree like ``params``.
+        state: the optimizer's state.
+        params: the params to step.
+        donate: step params and state in place and return the same tensors; neither may be
+            used again except through the result, nor the gradients (which ``update`` may
+            overwrite, as with ``donate`` it does).
+
+    Example:
+        >>> from functional_memopt import adamw
+        >>> opt, params = adamw(0.1), {"w": torch.ones(2)}
+        >>> params, state = update_and_apply(opt, {"w": torch.ones(2)}, opt.init(params), params)
+        >>> params["w"]
+        tensor([0.8990, 0.8990])
+    """
+    if optimizer.apply is not None:
+        return optimizer.apply(grads, state, params, donate=donate)
+    updates, state = optimizer.update(grads, state, params, donate=donate)
+    return apply_updates(params, updates, donate=donate), state

@@ -31,7 +31,7 @@ import optree
 import torch
 import torch.distributed as dist
 
-from ..optim.base import apply_updates
+from ..optim.base import update_and_apply
 from ..train.accumulate import Accumulated
 from ..train.parallelism import Parallelism
 from .process_group import (all_gather_tensor, assert_replicas_equal, broadcast_tree, collective, global_rank,
@@ -276,8 +276,8 @@ def data_parallel(*, zero_stage: int = 0, group=None, bucket_mb: float | None = 
         layout = _layout(state.params, group)
         g = grads if zero_stage == 2 else _tree_pieces(layout, grads)
         p = _tree_pieces(layout, state.params)
-        updates, opt_state = optimizer.update(g, state.opt_state, p, donate=donate)
-        new = optree.tree_leaves(apply_updates(p, updates, donate=donate))
+        new, opt_state = update_and_apply(optimizer, g, state.opt_state, p, donate=donate)
+        new = optree.tree_leaves(new)
         # Donated params that are views of one flat buffer (as every step returns them) receive
         # the gather in place; the pieces updated above already are that buffer's own slice.
         full = _flat_buffer(state.params, layout) if donate else None

@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from .._tree import tree_global_norm
-from ..optim.base import GradientTransformation, apply_updates
+from ..optim.base import GradientTransformation, update_and_apply
 
 __all__ = ["Parallelism", "single_process", "summarize_gradients", "update_params"]
 
@@ -62,9 +62,11 @@ def summarize_gradients(grads, loss_sum: torch.Tensor, count: torch.Tensor) -> t
 
 
 def update_params(optimizer: GradientTransformation, grads, state, *, donate: bool = False) -> tuple:
-    """``(params, opt_state)`` after one optimizer update: the single-process update."""
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params, donate=donate)
-    return apply_updates(state.params, updates, donate=donate), opt_state
+    """``(params, opt_state)`` after one optimizer update: the single-process update.
+
+    The optimizer steps the params in its own kernel pass where it can (``update_and_apply``).
+    """
+    return update_and_apply(optimizer, grads, state.opt_state, state.params, donate=donate)
 
 
 def _same(value, *args, **kwargs):
