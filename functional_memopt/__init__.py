@@ -27,6 +27,7 @@ from .data.tokens import encode as encode  # text to byte ids
 # model: config, parameters and the pure forward
 from .model.attention import attention_kernel as attention_kernel  # the attention kernel "auto" picks
 from .model.attention import causal_attention as causal_attention  # fused-QKV attention with masks
+from .model.gpt import activate as activate  # the MLP's GELU (GPT-2's fused for compiled CPU code)
 from .model.config import PRESETS as PRESETS  # named model shapes (tiny, small, gpt2, ...)
 from .model.config import ModelConfig as ModelConfig  # a frozen, validated model shape
 from .model.config import get_config as get_config  # a preset, with overrides
@@ -96,7 +97,7 @@ __all__ = [
     "train_val_split",
     "decode", "encode",
     # model
-    "attention_kernel", "causal_attention", "PRESETS", "ModelConfig", "get_config", "generate", "apply", "loss_fn",
+    "activate", "attention_kernel", "causal_attention", "PRESETS", "ModelConfig", "get_config", "generate", "apply", "loss_fn",
     "init_params", "param_shapes", "remat",
     # optim
     "adamw", "decay_mask", "GradientTransformation", "apply_updates", "update_and_apply", "chain", "clip_by_global_norm",

@@ -2,10 +2,13 @@
 
 The fast tests use dynamo with the "aot_eager" family of backends: the same graph capture and
 AOTAutograd forward / backward split as inductor, then ATen kernels, so results are bit-identical
-to the eager step. The inductor tests (marked slow: a cold inductor cache spends ~40 s compiling
+to the eager step (where the model's functions trace as they run: GPT-2's GELU traces in another,
+equal form for the CPU, see model/gpt.py). The inductor tests (marked slow: a cold inductor cache spends ~40 s compiling
 the fp32 graph of even a one-block model on two CPU cores, ~4 s when warm) check the
 generated kernels against eager within the library's eps-derived tolerances.
 """
+
+import dataclasses
 
 import optree
 import pytest
@@ -73,9 +76,12 @@ def test_five_steps_with_a_changing_loss_scale_and_a_skipped_step_compile_once(p
 
 @pytest.mark.parametrize("policy", ["fp32", "mixed_bf16"])
 def test_compiled_step_with_aten_kernels_is_bitwise_the_eager_step(policy):
+    # With the erf GELU: GPT-2's is traced as x * sigmoid(2u) for the CPU, equal within rounding
+    # (tests/test_activation.py bounds it), so its compiled step is not bitwise the eager one.
+    cfg = dataclasses.replace(CFG, activation="gelu")
     opt = adamw(LR, weight_decay=0.01)
-    eager = make_train_step(CFG, opt, policy=policy, accum_steps=4, max_grad_norm=1.0)
-    compiled = make_train_step(CFG, opt, policy=policy, accum_steps=4, max_grad_norm=1.0,
+    eager = make_train_step(cfg, opt, policy=policy, accum_steps=4, max_grad_norm=1.0)
+    compiled = make_train_step(cfg, opt, policy=policy, accum_steps=4, max_grad_norm=1.0,
                                compile={"backend": "aot_eager"})
     se = sc = _state(policy, opt)
     for i in range(3):
