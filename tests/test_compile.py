@@ -163,3 +163,21 @@ def test_compile_needs_the_autograd_engine_and_a_bool_or_options():
         make_train_step(CFG, opt, engine="func", compile=True)
     with pytest.raises(TypeError, match="compile must be a bool or a dict"):
         make_train_step(CFG, opt, compile="inductor")
+
+
+@pytest.mark.parametrize(
+    "device,policy,steps,flag,expected",
+    [
+        ("cpu", "mixed_bf16", 1000, "auto", True),  # a long bf16 run pays its compile back
+        ("cpu", "mixed_bf16", 999, "auto", False),
+        ("cpu", "fp32", 5000, "auto", False),  # fp32 on the CPU gains too little
+        ("cuda", "fp32", 10, "auto", True),
+        ("cpu", "fp32", 10, "on", True),
+        ("cuda", "mixed_bf16", 5000, "off", False),
+    ],
+)
+def test_memopt_train_compile_auto_compiles_where_it_was_measured_to_pay(device, policy, steps, flag, expected):
+    from functional_memopt.app.run import TrainArgs, resolve_args
+
+    args = TrainArgs(policy=policy, steps=steps, compile=flag)
+    assert resolve_args(args, torch.device(device))[1].compile is expected

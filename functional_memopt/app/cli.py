@@ -118,7 +118,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     add("--loss-chunk", "tokens per chunk of the output head and loss, so the logits are never whole: auto (the "
         "memory ledger's choice), none, N, or cce (the cut-cross-entropy package's fused kernels: CUDA, mixed "
         "precision, not compiled) (default auto)")
-    add("--compile", "torch.compile the differentiated loss: auto (on CUDA), on or off (default auto)",
+    add("--compile", "torch.compile the differentiated loss: auto (on CUDA, and for bf16 runs of at least 1000 steps "
+        "on the CPU), on or off (default auto)",
         choices=["auto", "on", "off"])
     add("--lr", f"peak learning rate (default {d.lr:g})", type=float)
     add("--min-lr", "final learning rate of the cosine schedule (default lr / 10)", type=float)

@@ -30,6 +30,11 @@ __all__ = [
     "choose_threads", "check_model_fits",
 ]
 
+# Steps from which --compile auto compiles a bf16 run on the CPU. Tiny preset, mixed bf16, 2 threads:
+# 420 steps took 78.2 s compiled (19.5 s of it compiling) against 76.9 s eager, 1000 steps 150.9 s
+# (7.5 s compiling, warm cache) against 197.3 s; a cold compile takes 20-30 s. fp32 gains too little
+# (compiled / eager step 0.93-1.03, benchmarks/run.py section 3), so it is not compiled by auto.
+CPU_COMPILE_MIN_STEPS = 1000
 FLAGS = ("--batch-size", "--accum-steps")  # how the command names the batch size and accumulation steps
 # On the CPU "auto" takes the policy measured fastest for the tiny preset (batch 32 = 4 x 8,
 # sequence 128) on a 2-core AVX-512 machine with bf16 instructions; without bf16 instructions
@@ -53,7 +58,7 @@ class TrainArgs:
     seq_len: int | None = None  # tokens per row (None: block_size)
     remat: str = "none"  # "none", "all" or N (every N-th block)
     loss_chunk: str = "auto"  # tokens per chunk of the head and loss: "auto" (the ledger's choice), "none", N or "cce"
-    compile: str = "auto"  # torch.compile the differentiated loss: "auto" (on CUDA), "on" or "off"
+    compile: str = "auto"  # torch.compile the differentiated loss: "auto" (CUDA; CPU bf16 from 1000 steps), on, off
     lr: float = 2e-3  # peak learning rate
     min_lr: float | None = None  # final learning rate of the cosine schedule (None: lr / 10)
     warmup_steps: int | None = None  # linear warmup steps (None: steps // 8, at most 100)
@@ -198,9 +203,11 @@ def resolve_args(args: TrainArgs, device: torch.device, world_size: int = 1):
                          f"{args.loss_chunk!r}.")
     if args.compile not in ("auto", "on", "off"):
         raise ValueError(f"train: --compile must be auto, on or off, got {args.compile!r}.")
-    # On the CPU a default run does not pay its compile back (ARCHITECTURE.md, "Compiling the step":
-    # measured with --compile on and off), so auto compiles on CUDA only (not around cce's kernels).
-    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda" and loss_chunk != CCE)
+    # On the CPU a compile pays back over a long bf16 run only (ARCHITECTURE.md, "Compiling the step":
+    # measured with --compile on and off); on CUDA always (not around cce's kernels).
+    long_bf16 = device.type == "cpu" and pol.compute_dtype == torch.bfloat16 and args.steps >= CPU_COMPILE_MIN_STEPS
+    compiled = args.compile == "on" or (args.compile == "auto" and loss_chunk != CCE
+                                        and (device.type == "cuda" or long_bf16))
     if loss_chunk == CCE:
         if device.type != "cuda":
             raise ValueError(f"train: --loss-chunk cce runs cut-cross-entropy's CUDA kernels; this run is on "
