@@ -50,18 +50,9 @@ def post_grad(cfg: fm.ModelConfig, *, reps: int, device: torch.device, clock: st
     fused = torch.optim.AdamW(list(fused_model.parameters()), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
     finite = torch.ones((), dtype=torch.bool, device=device)
 
-    def pure_adamw():
+    def pure_pair():
         updates, _ = opt.update(grads, state.opt_state, state.params)
         return fm.apply_updates(state.params, updates)
-
-    def donated_adamw():
-        g = [x.clone() for x in leaves]  # a donating update consumes its gradients
-        updates, s = opt.update(optree.tree_unflatten(optree.tree_structure(grads), g), donated.opt_state,
-                                donated.params, donate=True)
-        fm.apply_updates(donated.params, updates, donate=True)
-
-    def clone_grads():
-        return [x.clone() for x in leaves]
 
     pieces = {
         "finite: tree_all_finite (isfinite().all() per leaf, stack)": lambda: tree_all_finite(grads),
@@ -70,9 +61,11 @@ def post_grad(cfg: fm.ModelConfig, *, reps: int, device: torch.device, clock: st
         "unscale: torch._foreach_mul_ (the step's current unscale)": lambda: torch._foreach_mul_(leaves, 1.0),
         "global norm: tree_global_norm (_foreach_norm)": lambda: tree_global_norm(grads),
         "reference norm + clip: clip_grad_norm_": lambda: torch.nn.utils.clip_grad_norm_(mparams, 1e9),
-        "adamw pure: update + apply_updates": pure_adamw,
-        "adamw donate: update + apply_updates (incl. a gradient clone)": donated_adamw,
-        "gradient clone (subtract from the line above)": clone_grads,
+        "adamw pure: update_and_apply (the step's route)":
+            lambda: fm.update_and_apply(opt, grads, state.opt_state, state.params),
+        "adamw donate: update_and_apply, in place (the step's route)":
+            lambda: fm.update_and_apply(opt, grads, donated.opt_state, donated.params, donate=True),
+        "adamw pair: update + apply_updates, pure (the optax-style route)": pure_pair,
         "reference: torch.optim.AdamW(foreach=True).step": topt.step,
         "torch.optim.AdamW(fused=True).step (one kernel per tensor)": fused.step,
         "tree_select(finite, new state, old state) (a sync-free skip)":
