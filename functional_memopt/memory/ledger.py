@@ -73,7 +73,7 @@ class MemoryPrediction(NamedTuple):
     accumulator: int  # float32 gradient sum held while later micro-batches run (0 when k = 1)
     activations: int  # saved for backward by one micro-batch (remat: plus one block's recompute)
     logits: int  # the cross-entropy at its peak: 12 bytes a logit whole, or the chunked loss's bytes
-    update: int  # optimizer temporaries: new moments, the update and the decay term (/N, ZeRO >= 1)
+    update: int  # optimizer temporaries: out of place, a stepped copy of params and moments (/N, ZeRO >= 1)
     batch: int  # tokens, targets and loss mask of the whole batch
     total: int  # the predicted peak: the largest of the moments in ``peak``
     phase: str  # which moment holds the peak: "loss", "block i" or "update"

@@ -13,7 +13,8 @@ code runs it, with S the loss scale and N the tokens counted in the whole batch 
     grads = acc / S, in place (exact for a power-of-two S)
     finite, norm = parallel.summarize(grads)               # one pass: global norm and finite check
     not finite -> state unchanged but the loss scale       # one host sync, as GradScaler.step makes
-    clip by the unscaled norm; parallel.update (AdamW, in place when donated); loss scale adjusts
+    clip by the unscaled norm; parallel.update (update_and_apply: AdamW's fused kernel steps the
+        params, in place when donated); loss scale adjusts
 
 The default engine is ``torch.autograd.grad`` over the pure loss; ``torch.func`` keeps every saved
 tensor alive until its backward ends (1.7x the peak), so it is an opt-in (``engine="func"``).
