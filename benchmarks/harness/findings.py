@@ -135,10 +135,12 @@ def findings(r: dict) -> str:
     if runs:
         out.append("\n**Compile.** Compiled functional / compiled reference: " + "; ".join(
             f"{x['preset']} {x['precision']}: {x['ratios']['func compiled / ref compiled model']['ratio']:.3f}"
-            for x in runs) + ". In float32 both compile the same model math and keep a fused or foreach AdamW "
-            "eager, and on the CPU the steps are bound by the matmuls and SDPA, which inductor leaves as ATen calls: "
-            "the two can differ by no more than the rest of the step. In bfloat16 on the CPU the functional "
-            "step's attention is the math kernel (`ModelConfig.attention='auto'`: SDPA's flash backward is slow "
-            "there at short sequences, `benchmarks/attention_kernels.py`), whose scale, bias and softmax "
-            "inductor fuses; the reference keeps SDPA, as nanoGPT does.\n")
+            for x in runs) + ". In float32 both compile the same model math and keep AdamW eager (fused, and "
+            "torch's foreach), and on the CPU the steps are bound by the matmuls and SDPA, which inductor leaves as "
+            "ATen calls: the two can differ by no more than the rest of the step, where the functional step's "
+            "GPT-2 GELU is traced as x * sigmoid(2u), which inductor runs in about half the time of torch's tanh "
+            "GELU (`benchmarks/activation_bench.py`). In bfloat16 on the CPU the functional step's attention is "
+            "also the math kernel (`ModelConfig.attention='auto'`: SDPA's flash backward is slow there at short "
+            "sequences, `benchmarks/attention_kernels.py`), whose scale, bias and softmax inductor fuses; the "
+            "reference keeps SDPA, as nanoGPT does.\n")
     return "\n".join(out)
