@@ -88,13 +88,9 @@ def adamw_update(g: list, mu: list, nu: list, p: list | None, decayed: set, coun
     hp = dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, donate=donate)
     for (fused, decay, device, dtype), idx in groups.items():
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-        if apply:
-            route = _fused_apply if fused else _foreach
-            res = route(pick(g), pick(mu), pick(nu), pick(p), count.to(device), lr, decay=decay, apply=True, **hp)
-        else:
-            route = _fused if fused else _foreach
-            res = route(pick(g), pick(mu), pick(nu), pick(p) if decay else None, count.to(device), lr, decay=decay,
-                        apply=False, **hp)
+        route = (_fused_apply if apply else _fused) if fused else _foreach
+        res = route(pick(g), pick(mu), pick(nu), pick(p) if decay or apply else None, count.to(device), lr,
+                    decay=decay, apply=apply, **hp)
         for i, uu, m, v in zip(idx, *res):
             u[i], mu[i], nu[i] = uu, m, v
     return u, mu, nu
